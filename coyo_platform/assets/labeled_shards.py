@@ -1,0 +1,33 @@
+import dagster as dg
+
+from coyo_platform.assets import GROUP
+from coyo_platform.assets.downloaded_shards import downloaded_shards
+from coyo_platform.core.storage import DOWNLOADS, LABELS
+from coyo_platform.partitions import coyo_parts
+from coyo_platform.resources import ComputeResource, StorageResource, program_args
+
+
+class LabelConfig(dg.Config):
+    """Labeler settings (see coyo_platform/worker). ``None`` means the model's own default."""
+
+    model: str = "tf_efficientnetv2_xl.in21k"
+    checkpoint: str | None = None
+    """Weights file; without it the model's pretrained weights come from the Hugging Face hub."""
+    activation: str = "sigmoid"
+    image_size: int | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    device: str = "auto"
+
+
+@dg.asset(partitions_def=coyo_parts, deps=[downloaded_shards], group_name=GROUP, kinds={"pytorch"})
+def labeled_shards(
+    context: dg.AssetExecutionContext,
+    config: LabelConfig,
+    storage: StorageResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
+    """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image."""
+    store, key = storage.store(), context.partition_key
+    args = ["--shards", store.url(DOWNLOADS, key), "--output", store.url(LABELS, key)]
+    return compute.run_program(context, "coyo_platform.worker", args + program_args(config))

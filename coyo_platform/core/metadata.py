@@ -1,0 +1,66 @@
+"""Copy one COYO-700M part from its source into storage, after checking it is usable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from coyo_platform.core.schema import BadPartError, check_coyo700m_schema, normalize_coyo700m
+from coyo_platform.core.sources import locate_part
+from coyo_platform.core.storage import METADATA, Storage
+
+
+@dataclass
+class PartCopy:
+    source_url: str
+    url: str
+    rows: int
+    source_rows: int | None
+    unique_urls: int
+    bytes_written: int
+
+
+def copy_part(source: str, key: str, storage: Storage, limit: int | None = None) -> PartCopy:
+    """Read part ``key`` from ``source``, check it, and write it to ``<root>/coyo700m_metadata``.
+
+    Nothing is written unless every check passes. ``limit`` keeps only the first N rows.
+
+    Raises:
+        BadPartError: unreadable file, missing or mistyped column, no rows, or bad ids; the
+            message names the file.
+        FileNotFoundError: no such part in ``source``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    url = locate_part(source, key)
+    try:
+        frame = pl.scan_parquet(url)
+        schema = frame.collect_schema()
+    except Exception as exc:  # polars/arrow/fsspec each raise their own type for a bad file
+        raise BadPartError(f"{url}: cannot be read as parquet: {exc}") from exc
+    check_coyo700m_schema(schema, url)
+    try:
+        source_rows = frame.select(pl.len()).collect().item() if limit is None else None
+        table = normalize_coyo700m(frame.head(limit) if limit else frame).collect()
+    except Exception as exc:
+        raise BadPartError(f"{url}: cannot be read as parquet: {exc}") from exc
+    if table.height == 0:
+        raise BadPartError(f"{url}: the part has no rows")
+    if table["id"].null_count():
+        raise BadPartError(f"{url}: column 'id' has {table['id'].null_count()} null value(s)")
+    duplicated = table.filter(pl.col("id").is_duplicated())["id"]
+    if len(duplicated):
+        raise BadPartError(
+            f"{url}: column 'id' has {duplicated.n_unique()} duplicated id(s), e.g. {duplicated[0]}"
+        )
+    out = storage.url(METADATA, f"{key}.parquet")
+    storage.write_parquet(out, table.to_arrow())
+    return PartCopy(
+        source_url=url,
+        url=out,
+        rows=table.height,
+        source_rows=source_rows,
+        unique_urls=table["url"].n_unique(),
+        bytes_written=storage.size(out),
+    )

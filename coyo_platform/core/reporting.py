@@ -1,0 +1,59 @@
+"""How the standalone programs (downloader, worker) talk back: Dagster Pipes when Dagster started
+them, plain stderr/stdout when a person runs them from a shell. Imports no ``dagster``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+
+def md(text: str) -> dict[str, Any]:
+    """A metadata value that the Dagster UI renders as markdown."""
+    return {"raw_value": text, "type": "md"}
+
+
+def path(url: str) -> dict[str, Any]:
+    return {"raw_value": url, "type": "path"}
+
+
+class Reporter:
+    """Progress lines and the final materialization metadata of one program run."""
+
+    def __init__(self, pipes: Any | None) -> None:
+        self._pipes = pipes
+        if pipes is not None:
+            self.log: logging.Logger = pipes.log
+        else:
+            self.log = logging.getLogger("coyo_platform")
+            if not self.log.handlers:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+                self.log.addHandler(handler)
+                self.log.setLevel(logging.INFO)
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return dict(self._pipes.extras) if self._pipes is not None else {}
+
+    def report(self, metadata: dict[str, Any]) -> None:
+        if self._pipes is not None:
+            self._pipes.report_asset_materialization(metadata=metadata)
+        else:
+            plain = {k: v["raw_value"] if isinstance(v, dict) else v for k, v in metadata.items()}
+            print(json.dumps(plain, indent=1, default=str))
+
+
+@contextmanager
+def open_reporter() -> Iterator[Reporter]:
+    """Pipes when this process was launched through Dagster Pipes, else the terminal."""
+    if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        with open_dagster_pipes() as pipes:
+            yield Reporter(pipes)
+    else:
+        yield Reporter(None)

@@ -1,0 +1,53 @@
+"""The one place that wires assets, jobs and resources. The deployment (``COYO_ENV``) picks the
+storage and compute seams; ``local`` is the embedded default: a local folder, subprocesses."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
+from coyo_platform.assets.coyo_labeled_300m import coyo_labeled_300m
+from coyo_platform.assets.downloaded_shards import downloaded_shards
+from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
+from coyo_platform.assets.labeled_shards import labeled_shards
+from coyo_platform.core.sources import HUB_SOURCE
+from coyo_platform.partitions import coyo_parts
+from coyo_platform.resources import LocalCompute, SourceResource, StorageResource
+
+#: The partitioned assets, in the order a partition flows through them.
+PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, coyo_labeled_300m]
+
+coyo_pipeline = dg.define_asset_job(
+    "coyo_pipeline",
+    selection=PIPELINE,
+    partitions_def=coyo_parts,
+    description="Metadata, download, labels, stats and subset for the selected COYO parts.",
+)
+
+
+def local_resources(source: str | None = None, data_root: str | None = None) -> dict:
+    """Embedded defaults: ``COYO_SOURCE`` (else the hub), ``COYO_DATA_ROOT`` (else ./data)."""
+    return {
+        "source": SourceResource(location=source or os.environ.get("COYO_SOURCE", HUB_SOURCE)),
+        "storage": StorageResource(root=data_root or os.environ.get("COYO_DATA_ROOT", "./data")),
+        "compute": LocalCompute(),
+    }
+
+
+DEPLOYMENTS = {"local": local_resources}
+
+
+def resources_for(env: str | None = None) -> dict:
+    env = env or os.environ.get("COYO_ENV", "local")
+    if env not in DEPLOYMENTS:
+        raise ValueError(f"unknown COYO_ENV {env!r}; known: {', '.join(DEPLOYMENTS)}")
+    return DEPLOYMENTS[env]()
+
+
+defs = dg.Definitions(
+    assets=[*PIPELINE, label_stats_rollup],
+    jobs=[coyo_pipeline],
+    resources=resources_for(),
+)

@@ -1,0 +1,77 @@
+"""Label downloaded webdataset shards: top 50 of the card's 21,841 ImageNet-21k classes per image.
+
+Usage::
+
+    python -m coyo_platform.worker --shards data/downloaded_shards/part-00000 \
+        --output data/labeled_shards/part-00000 \
+        [--model tf_efficientnetv2_xl.in21k] [--checkpoint PATH] [--activation sigmoid] \
+        [--image-size 512] [--batch-size 32] [--num-workers 8] [--device auto]
+
+Writes ``<output>/NNNNN.parquet`` per shard (id, key, imagehash, labels, label_probs, width,
+height, error); shards already written are skipped. Without ``--checkpoint`` the model's
+pretrained weights come from the Hugging Face hub. Device: CUDA when present, else CPU.
+Started by the ``labeled_shards`` asset through Dagster Pipes, or by hand.
+Imports no ``dagster``: only ``dagster_pipes``, torch, timm, pyarrow, Pillow and imagehash.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from coyo_platform.core.reporting import md, open_reporter, path
+from coyo_platform.worker.labeler import ACTIVATIONS, LabelerSettings, label_shards
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = LabelerSettings()
+    p = argparse.ArgumentParser(prog="python -m coyo_platform.worker")
+    p.add_argument("--shards", required=True, help="folder or s3:// prefix holding NNNNN.tar")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for NNNNN.parquet")
+    p.add_argument("--model", default=d.model, help=f"timm model name (default {d.model})")
+    p.add_argument("--checkpoint", default=None, help="weights file (default: hub pretrained)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
+    p.add_argument("--image-size", type=int, default=None, help="default: model's test size")
+    p.add_argument("--interpolation", default=None, help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = LabelerSettings(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        activation=args.activation,
+        image_size=args.image_size,
+        interpolation=args.interpolation,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+    )
+    with open_reporter() as report:
+        device = settings.resolved_device()
+        report.log.info(f"labeling {args.shards} with {settings.model} on {device}")
+        s = label_shards(args.shards, args.output, settings, log=report.log)
+        reasons = "\n".join(f"| {r} | {n:,} |" for r, n in s.failed_by_reason.most_common())
+        report.report(
+            {
+                "images_labeled": s.labeled,
+                "images_failed": s.failed,
+                "failed_by_reason": md("| reason | images |\n|---|---:|\n" + reasons),
+                "shards_labeled": s.shards_done,
+                "shards_skipped": s.shards_skipped,
+                "images_per_second": round(s.images_per_second, 2),
+                "seconds": round(s.seconds, 2),
+                "model": settings.model,
+                "checkpoint": settings.checkpoint or "hub pretrained",
+                "activation": settings.activation,
+                "device": str(device),
+                "path": path(args.output),
+            }
+        )
+
+
+if __name__ == "__main__":
+    main()
