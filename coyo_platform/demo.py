@@ -42,7 +42,7 @@ FIRST_ID = 4_896_263_451_343  # COYO ids are Spark monotonically_increasing_id v
 
 @dataclass(frozen=True)
 class Item:
-    """One thing the image server serves (or pretends to), and what the pipeline should make of it."""
+    """A file the image server serves (or a name it lacks) and what it provokes."""
 
     name: str
     kind: str  # "photo", or the failure it provokes

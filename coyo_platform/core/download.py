@@ -126,7 +126,10 @@ def run_img2dataset(metadata_url: str, output: str, settings: DownloadSettings) 
 
 
 def summarize(storage: Storage, output: str, before: set[str], seconds: float) -> DownloadSummary:
-    """Count what the shard parquets under ``output`` say; ``before`` = shards done before this run."""
+    """Count what the shard parquets under ``output`` say.
+
+    ``before`` is the set of shards done before this run, to tell this run's speed.
+    """
     shard_files = storage.glob(f"{output}/*.parquet")
     after = done_shards(storage, output)
     new_ids = {os.path.basename(p).split("_")[0] for p in after - before}

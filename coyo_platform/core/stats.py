@@ -111,7 +111,9 @@ def merge_aggregates(aggregates: Iterable[dict]) -> dict:
         "failed": sum(a["failed"] for a in aggregates),
         "thresholds": merged_thresholds,
         "top1_counts": dict(top1),
-        "top1_histogram": [sum(col) for col in zip(*(a["top1_histogram"] for a in aggregates))],
+        "top1_histogram": [
+            sum(col) for col in zip(*(a["top1_histogram"] for a in aggregates), strict=True)
+        ],
     }
 
 

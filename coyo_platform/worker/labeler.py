@@ -192,7 +192,7 @@ def _collate(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch
 
 
 def failure_reason(error: str) -> str:
-    """``decode: UnidentifiedImageError: cannot identify...`` -> ``decode: UnidentifiedImageError``."""
+    """``decode: OSError: image file is truncated`` -> ``decode: OSError``."""
     return ": ".join(error.split(": ")[:2])
 
 
