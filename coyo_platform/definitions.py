@@ -13,7 +13,6 @@ from coyo_platform.assets.downloaded_shards import downloaded_shards
 from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core.sources import HUB_SOURCE
-from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import LocalCompute, SourceResource, StorageResource
 
 #: The partitioned assets, in the order a partition flows through them.
@@ -22,7 +21,6 @@ PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, c
 coyo_pipeline = dg.define_asset_job(
     "coyo_pipeline",
     selection=PIPELINE,
-    partitions_def=coyo_parts,
     description="Metadata, download, labels, stats and subset for the selected COYO parts.",
 )
 

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -175,7 +175,3 @@ def download_partition(
             f"in {output}; {missing} failed. Rerun to resume: done shards are kept."
         )
     return summary
-
-
-def settings_dict(settings: DownloadSettings) -> dict:
-    return asdict(settings)

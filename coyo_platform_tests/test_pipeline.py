@@ -1,0 +1,146 @@
+"""The whole graph for one partition: a real HTTP server on loopback, img2dataset, the labeler as a
+real subprocess through Dagster Pipes, stats and the subset in the card's exact schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from coyo_platform.assets.label_stats import label_stats_rollup
+from coyo_platform.core.labelspace import NUM_CLASSES
+from coyo_platform.core.schema import CARD_SCHEMA
+from coyo_platform.core.subset import DEFAULT_THRESHOLD
+from coyo_platform.definitions import PIPELINE, local_resources
+from coyo_platform_tests.conftest import ROWS, SHARD_SIZE, expected_outcomes, fast_run_config
+
+PART = "part-00000"
+EXPECTED_REASONS = {
+    "http 404": "download: http 404",
+    "connection refused": "download: connection refused",
+    "not an image": "resize: not an image",
+    "truncated": "resize: not an image",
+    "image too small": "resize: image too small",
+    "aspect ratio too large": "resize: aspect ratio too large",
+}
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [mat] = result.asset_materializations_for_node(asset)
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def _hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+@pytest.fixture
+def pipeline_run(site, source: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    resources = local_resources(source=str(source), data_root=str(root))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        result = dg.materialize(
+            PIPELINE,
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            run_config=fast_run_config(site.checkpoint),
+        )
+        yield result, root, resources, instance
+
+
+def test_one_partition_end_to_end(pipeline_run, site, source: Path):
+    result, root, _, _ = pipeline_run
+    assert result.success
+    part = pl.read_parquet(next(source.glob("part-00000-*.parquet")))
+    outcomes = expected_outcomes(part, site.items)
+    photos = outcomes.pop("photo")
+
+    # downloads: every row attempted, failures counted by reason
+    download = _metadata(result, "downloaded_shards")
+    assert download["attempted"] == ROWS
+    assert download["succeeded"] == photos
+    expected_failures: dict[str, int] = {}
+    for kind, n in outcomes.items():
+        reason = EXPECTED_REASONS[kind]
+        expected_failures[reason] = expected_failures.get(reason, 0) + n
+    assert download["failures"] == expected_failures
+    assert download["shards"] == -(-ROWS // SHARD_SIZE)
+    assert download["bytes_written"] > 0
+
+    # labels: every downloaded image labeled, nothing failed
+    labels = _metadata(result, "labeled_shards")
+    assert labels["images_labeled"] == photos
+    assert labels["images_failed"] == 0
+    assert labels["device"] == "cpu"
+
+    # the subset: exactly the card's schema, ids from the part, no duplicates
+    subset_path = root / "coyo_labeled_300m" / f"{PART}.parquet"
+    table = pq.read_table(subset_path)
+    assert table.schema.equals(CARD_SCHEMA, check_metadata=False)
+    assert [f.name for f in table.schema] == [
+        "id", "url", "imagehash", "labels", "label_probs", "width", "height"
+    ]  # fmt: skip
+    subset = pl.from_arrow(table)
+    assert subset.height > 0
+    assert subset["id"].is_unique().all()
+    joined = subset.join(part, on="id", how="left", suffix="_src")
+    assert joined["url_src"].null_count() == 0, "every id must be one of the part's ids"
+    assert (joined["url"] == joined["url_src"]).all(), "url joined on id, not on row position"
+    # width/height: the downloaded image's original size, which the demo part also records
+    assert (joined["width"] == joined["width_src"]).all()
+    assert (joined["height"] == joined["height_src"]).all()
+    # imagehash: the pHash of the downloaded image, close to the crawl's pHash of the same file
+    distances = [
+        _hamming(a, b) for a, b in zip(joined["imagehash"], joined["image_phash"], strict=True)
+    ]
+    assert all(len(h) == 16 for h in subset["imagehash"])
+    assert max(distances) <= 10, distances
+
+    for labels_row, probs_row in zip(subset["labels"], subset["label_probs"], strict=True):
+        assert len(labels_row) == 50 and len(probs_row) == 50
+        assert all(0 <= i < NUM_CLASSES for i in labels_row)
+        assert len(set(labels_row)) == 50
+        assert list(probs_row) == sorted(probs_row, reverse=True)
+        assert probs_row[0] >= DEFAULT_THRESHOLD
+
+    # the subset is exactly the labeled rows that clear the threshold
+    labeled = pl.read_parquet(root / "labeled_shards" / PART / "*.parquet")
+    clear = labeled.filter(pl.col("label_probs").list.first() >= DEFAULT_THRESHOLD)
+    assert sorted(subset["id"]) == sorted(clear["id"])
+    assert _metadata(result, "coyo_labeled_300m")["rows"] == subset.height
+
+    # label stats: the card's five thresholds over every labeled image
+    stats = _metadata(result, "label_stats")
+    assert stats["images_labeled"] == photos
+    table_md = stats["threshold_table"]
+    for t in ("0.05", "0.10", "0.15", "0.20", "0.25"):
+        assert f"| {t} |" in table_md
+    assert "top-1 images" in stats["top1_classes"]
+
+
+def test_rerun_resumes_and_rollup_sums_partitions(pipeline_run, site):
+    result, root, resources, instance = pipeline_run
+    first = _metadata(result, "downloaded_shards")
+    again = dg.materialize(
+        PIPELINE[1:3],
+        partition_key=PART,
+        instance=instance,
+        resources=resources,
+        run_config=fast_run_config(site.checkpoint),
+    )
+    download = _metadata(again, "downloaded_shards")
+    assert download["shards_this_run"] == 0, "done shards must not be downloaded again"
+    assert download["succeeded"] == first["succeeded"]
+    labels = _metadata(again, "labeled_shards")
+    assert labels["shards_labeled"] == 0
+    assert labels["shards_skipped"] == first["shards"]
+
+    rollup = dg.materialize([label_stats_rollup], instance=instance, resources=resources)
+    meta = _metadata(rollup, "label_stats_rollup")
+    assert meta["partitions"] == 1
+    assert meta["images_labeled"] == first["succeeded"]

@@ -1,0 +1,70 @@
+"""Label stats: the partial aggregates give the card's table exactly, and merge exactly."""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+import pytest
+
+from coyo_platform.core import stats
+
+
+def _labels(n: int, seed: int) -> pl.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        probs = sorted((rng.random() ** 4 for _ in range(50)), reverse=True)
+        labels = rng.sample(range(21_841), 50)
+        error = "decode: OSError" if i % 17 == 0 else None
+        rows.append({"labels": labels, "label_probs": probs, "error": error})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "labels": pl.List(pl.Int32),
+            "label_probs": pl.List(pl.Float32),
+            "error": pl.String,
+        },
+    )
+
+
+def _direct_table(frame: pl.DataFrame, t: float) -> tuple[float, int, float]:
+    ok = [r for r in frame.iter_rows(named=True) if r["error"] is None]
+    kept = [r for r in ok if r["label_probs"][0] >= t]
+    above = [
+        [lab for lab, p in zip(r["labels"], r["label_probs"], strict=True) if p >= t] for r in kept
+    ]
+    per_image = sum(map(len, above)) / len(kept) if kept else 0.0
+    return per_image, len({lab for labs in above for lab in labs}), len(kept) / len(ok)
+
+
+def test_threshold_table_matches_a_direct_count():
+    frame = _labels(400, seed=1)
+    table = stats.threshold_table(stats.partial_aggregate(frame.lazy()))
+    assert [r["threshold"] for r in table] == list(stats.CARD_THRESHOLDS)
+    for row in table:
+        per_image, unique, share = _direct_table(frame, row["threshold"])
+        assert row["labels_per_image"] == pytest.approx(per_image)
+        assert row["unique_labels"] == unique
+        assert row["share_kept"] == pytest.approx(share)
+
+
+def test_merged_partitions_equal_one_pass_over_all_rows():
+    a, b = _labels(150, seed=2), _labels(230, seed=3)
+    merged = stats.merge_aggregates(
+        [stats.partial_aggregate(a.lazy()), stats.partial_aggregate(b.lazy())]
+    )
+    whole = stats.partial_aggregate(pl.concat([a, b]).lazy())
+    assert merged == whole
+    assert sum(whole["top1_histogram"]) == whole["images"]
+    assert whole["failed"] == len([i for i in range(150) if i % 17 == 0]) + len(
+        [i for i in range(230) if i % 17 == 0]
+    )
+
+
+def test_merge_refuses_different_thresholds():
+    frame = _labels(20, seed=4).lazy()
+    with pytest.raises(ValueError, match="different thresholds"):
+        stats.merge_aggregates(
+            [stats.partial_aggregate(frame), stats.partial_aggregate(frame, thresholds=(0.5,))]
+        )
