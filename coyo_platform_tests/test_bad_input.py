@@ -25,6 +25,18 @@ def failure_text(result: dg.ExecuteInProcessResult) -> str:
     return text
 
 
+def materialize_metadata(source: Path, root: Path, part: str) -> dg.ExecuteInProcessResult:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [part])
+        return dg.materialize(
+            [coyo700m_metadata],
+            partition_key=part,
+            instance=instance,
+            resources=local_resources(source=str(source), data_root=str(root)),
+            raise_on_error=False,
+        )
+
+
 def _good(source: Path) -> pl.DataFrame:
     return pl.read_parquet(next(source.glob("part-00000-*.parquet")))
 
@@ -62,15 +74,7 @@ def _duplicate_ids(source: Path) -> list[str]:
 def test_bad_part_fails_clearly_and_writes_nothing(make_bad, source: Path, tmp_path: Path):
     expected = make_bad(source)
     root = tmp_path / "data"
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("coyo_parts", ["part-00000"])
-        result = dg.materialize(
-            [coyo700m_metadata],
-            partition_key="part-00000",
-            instance=instance,
-            resources=local_resources(source=str(source), data_root=str(root)),
-            raise_on_error=False,
-        )
+    result = materialize_metadata(source, root, "part-00000")
     assert not result.success
     message = failure_text(result)
     assert PART_FILE in message
@@ -80,14 +84,6 @@ def test_bad_part_fails_clearly_and_writes_nothing(make_bad, source: Path, tmp_p
 
 
 def test_unknown_part_names_what_exists(source: Path, tmp_path: Path):
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("coyo_parts", ["part-00042"])
-        result = dg.materialize(
-            [coyo700m_metadata],
-            partition_key="part-00042",
-            instance=instance,
-            resources=local_resources(source=str(source), data_root=str(tmp_path / "d")),
-            raise_on_error=False,
-        )
+    result = materialize_metadata(source, tmp_path / "d", "part-00042")
     message = failure_text(result)
     assert "no part 'part-00042'" in message and "part-00000" in message
