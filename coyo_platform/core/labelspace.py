@@ -47,8 +47,3 @@ def class_names() -> list[str]:
     if len(synsets) != NUM_CLASSES:
         raise RuntimeError(f"timm's imagenet22k_synsets.txt has {len(synsets)} lines, not 21841")
     return [lemmas.get(s, s).split(",")[0].strip() for s in synsets]
-
-
-def class_name(index: int) -> str:
-    """The fall11 name of card label ``index``."""
-    return class_names()[index]

@@ -37,10 +37,6 @@ class Reporter:
                 self.log.addHandler(handler)
                 self.log.setLevel(logging.INFO)
 
-    @property
-    def extras(self) -> dict[str, Any]:
-        return dict(self._pipes.extras) if self._pipes is not None else {}
-
     def report(self, metadata: dict[str, Any]) -> None:
         if self._pipes is not None:
             self._pipes.report_asset_materialization(metadata=metadata)

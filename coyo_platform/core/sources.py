@@ -34,7 +34,10 @@ def list_parts(source: str) -> dict[str, str]:
     """All parts in ``source`` (a folder, ``s3://`` prefix or ``hf://`` path) as {key: url}."""
     source = source.rstrip("/")
     if source == HUB_SOURCE:  # known layout: no listing call to the hub needed
-        return {f"part-{i:05d}": f"{source}/part-{i:05d}{HUB_PART_SUFFIX}" for i in range(128)}
+        return {
+            f"part-{i:05d}": f"{source}/part-{i:05d}{HUB_PART_SUFFIX}"
+            for i in range(HUB_PART_COUNT)
+        }
     fs, root = fsspec.core.url_to_fs(source)
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
     parts: dict[str, str] = {}

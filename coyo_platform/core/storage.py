@@ -56,10 +56,6 @@ class Storage:
         protocol = self.root.split("://", 1)[0]
         return [p if "://" in p else f"{protocol}://{p}" for p in found]
 
-    def makedirs(self, url: str) -> None:
-        if self.is_local:
-            os.makedirs(url, exist_ok=True)
-
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` to ``url`` so that a reader sees the old file, or the whole new one."""
         if not self.is_local:
