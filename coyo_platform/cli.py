@@ -85,6 +85,7 @@ def run(
     data_root: str | None = None,
     model: str | None = None,
     checkpoint: str | None = None,
+    preset: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     limit: int | None = None,
     image_size: int | None = None,
@@ -108,7 +109,8 @@ def run(
     instance.add_dynamic_partitions("coyo_parts", new)
     print(f"instance {os.environ['DAGSTER_HOME']}; data root {resources['storage'].store().root}")
     print(f"parts: {', '.join(parts)} ({len(new)} new partitions)")
-    label: dict[str, Any] = {k: v for k, v in (("model", model), ("checkpoint", checkpoint)) if v}
+    chosen = (("model", model), ("checkpoint", checkpoint), ("preset", preset))
+    label: dict[str, Any] = {k: v for k, v in chosen if v}
     configs = {
         "coyo700m_metadata": {"limit": limit} if limit else {},
         "downloaded_shards": {"image_size": image_size} if image_size else {},
@@ -150,6 +152,7 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
             parts=keys,
             model=fixtures.DEMO_MODEL,
             checkpoint=str(checkpoint),
+            preset="timm",  # the tiny model's own eval size, not EfficientNetV2-XL's 512
         )
 
 
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     r.add_argument("--model", default=None, help="timm model (default tf_efficientnetv2_xl.in21k)")
     r.add_argument("--checkpoint", default=None, help="weights file (default: hub pretrained)")
+    r.add_argument("--preset", choices=("coyo", "timm"), default=None, help="labeler preset (coyo)")
     r.add_argument(
         "--threshold", type=float, default=DEFAULT_THRESHOLD, help="top-1 cut (default %(default)s)"
     )
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             data_root=args.data_root,
             model=args.model,
             checkpoint=args.checkpoint,
+            preset=args.preset,
             threshold=args.threshold,
             limit=args.limit,
             image_size=args.image_size,

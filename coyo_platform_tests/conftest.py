@@ -68,6 +68,7 @@ def fast_run_config(checkpoint: Path) -> dict:
             },
             "labeled_shards": {
                 "config": {
+                    "preset": "timm",
                     "model": demo.DEMO_MODEL,
                     "checkpoint": str(checkpoint),
                     "num_workers": 1,

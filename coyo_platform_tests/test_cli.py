@@ -24,7 +24,7 @@ def test_run_two_parts_with_limit(site, source: Path, tmp_path: Path):
         [
             str(BIN / "coyo-platform"), "run", "--source", str(source),
             "--parts", "part-00000", "part-00001", "--limit", "12",
-            "--model", demo.DEMO_MODEL, "--checkpoint", str(site.checkpoint),
+            "--model", demo.DEMO_MODEL, "--checkpoint", str(site.checkpoint), "--preset", "timm",
             "--threshold", "0.5", "--data-root", str(root),
         ],
         env=env, capture_output=True, text=True,

@@ -10,11 +10,14 @@ from coyo_platform.resources import ComputeResource, StorageResource, program_ar
 class LabelConfig(dg.Config):
     """Labeler settings (see coyo_platform/worker). ``None`` means the model's own default."""
 
-    model: str = "tf_efficientnetv2_xl.in21k"
+    preset: str = "coyo"
+    """``coyo``: the card's EfficientNetV2-XL pipeline; ``timm``: the model's own eval config."""
+    model: str | None = None
     checkpoint: str | None = None
     """Weights file; without it the model's pretrained weights come from the Hugging Face hub."""
-    activation: str = "sigmoid"
+    activation: str | None = None
     image_size: int | None = None
+    interpolation: str | None = None
     batch_size: int | None = None
     num_workers: int | None = None
     device: str = "auto"

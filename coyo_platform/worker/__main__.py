@@ -4,8 +4,12 @@ Usage::
 
     python -m coyo_platform.worker --shards data/downloaded_shards/part-00000 \
         --output data/labeled_shards/part-00000 \
-        [--model tf_efficientnetv2_xl.in21k] [--checkpoint PATH] [--activation sigmoid] \
+        [--preset coyo|timm] [--model NAME] [--checkpoint PATH] [--activation sigmoid|softmax] \
         [--image-size 512] [--batch-size 32] [--num-workers 8] [--device auto]
+
+Presets (``labeler.PRESETS``): ``coyo`` (default) is the card's pipeline, EfficientNetV2-XL
+ImageNet-21k at 512, whole image resized bilinearly, mean = std = 0.5, sigmoid; ``timm`` is the
+model's own timm eval config with sigmoid. Explicit flags override the preset.
 
 Writes ``<output>/NNNNN.parquet`` per shard (id, key, imagehash, labels, label_probs, width,
 height, error); shards already written are skipped. Without ``--checkpoint`` the model's
@@ -19,7 +23,7 @@ from __future__ import annotations
 import argparse
 
 from coyo_platform.core.reporting import md, open_reporter, path
-from coyo_platform.worker.labeler import ACTIVATIONS, LabelerSettings, label_shards
+from coyo_platform.worker.labeler import ACTIVATIONS, PRESETS, LabelerSettings, label_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,11 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m coyo_platform.worker")
     p.add_argument("--shards", required=True, help="folder or s3:// prefix holding NNNNN.tar")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for NNNNN.parquet")
-    p.add_argument("--model", default=d.model, help=f"timm model name (default {d.model})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="coyo", help="default coyo")
+    p.add_argument("--model", default=None, help="timm model name (default: the preset's)")
     p.add_argument("--checkpoint", default=None, help="weights file (default: hub pretrained)")
-    p.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
-    p.add_argument("--image-size", type=int, default=None, help="default: model's test size")
-    p.add_argument("--interpolation", default=None, help="default: the model's")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="default: preset's")
+    p.add_argument("--image-size", type=int, default=None, help="default: preset's, else model's")
+    p.add_argument("--interpolation", default=None, help="default: preset's, else model's")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
@@ -41,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = LabelerSettings(
+        preset=args.preset,
         model=args.model,
         checkpoint=args.checkpoint,
         activation=args.activation,
@@ -64,9 +70,12 @@ def main(argv: list[str] | None = None) -> None:
                 "shards_skipped": s.shards_skipped,
                 "images_per_second": round(s.images_per_second, 2),
                 "seconds": round(s.seconds, 2),
+                "preset": settings.preset,
                 "model": settings.model,
                 "checkpoint": settings.checkpoint or "hub pretrained",
                 "activation": settings.activation,
+                "image_size": settings.image_size or "model's test size",
+                "interpolation": settings.interpolation or "model's",
                 "device": str(device),
                 "path": path(args.output),
             }

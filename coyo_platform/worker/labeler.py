@@ -36,6 +36,31 @@ from coyo_platform.core.storage import Storage
 
 DEFAULT_MODEL = "tf_efficientnetv2_xl.in21k"
 ACTIVATIONS = ("sigmoid", "softmax")
+
+#: Named settings bundles; a preset fills only the settings left unset (None).
+#:
+#: ``coyo`` reproduces the card's pipeline: EfficientNetV2-XL trained on ImageNet-21k, evaluated as
+#: google/automl's EfficientNetV2 eval does it: the whole image resized to 512x512 (no crop) with
+#: *bilinear* interpolation (automl's eval preprocessing uses tf.image.resize's bilinear default;
+#: timm's pretrained_cfg says bicubic, which is timm's own choice), then (x - 0.5) / 0.5, i.e.
+#: automl's (x - 128) / 128. Activation ``sigmoid``: the card's example probabilities sum to 1.0276,
+#: which softmax cannot give, and Google published these ImageNet-21k checkpoints as sigmoid-loss
+#: checkpoints "for multi-class pseudo labeling".
+#:
+#: ``timm`` uses the model's own timm eval config (test size, interpolation, mean/std), still with
+#: the whole image squashed (no crop), and sigmoid unless ``activation`` says softmax (timm's own
+#: inference.py always applies softmax; pick that for softmax-trained checkpoints).
+PRESETS: dict[str, dict[str, Any]] = {
+    "coyo": {
+        "model": DEFAULT_MODEL,
+        "image_size": 512,
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "activation": "sigmoid",
+    },
+    "timm": {"model": DEFAULT_MODEL, "activation": "sigmoid"},
+}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 LABELED_SCHEMA = pa.schema(
@@ -54,18 +79,27 @@ LABELED_SCHEMA = pa.schema(
 
 @dataclass
 class LabelerSettings:
-    """How to label. ``None`` for image size or interpolation means the model's own test config."""
+    """How to label. Settings left ``None`` come from the preset, then from the model's own
+    timm eval config."""
 
-    model: str = DEFAULT_MODEL
+    preset: str = "coyo"
+    model: str | None = None
     checkpoint: str | None = None
     image_size: int | None = None
     interpolation: str | None = None
-    activation: str = "sigmoid"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    activation: str | None = None
     batch_size: int = 32
     num_workers: int = field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) - 1)))
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -109,6 +143,10 @@ def load_model(settings: LabelerSettings) -> tuple[torch.nn.Module, dict[str, An
         config["input_size"] = (3, settings.image_size, settings.image_size)
     if settings.interpolation:
         config["interpolation"] = settings.interpolation
+    if settings.mean:
+        config["mean"] = tuple(settings.mean)
+    if settings.std:
+        config["std"] = tuple(settings.std)
     config["crop_pct"], config["crop_mode"] = 1.0, "squash"
     return model.eval(), config
 
