@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
-export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: demo test ui lint clean
 

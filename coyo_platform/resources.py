@@ -47,7 +47,7 @@ class LocalCompute(ComputeResource):
     def run_program(
         self, context: dg.AssetExecutionContext, module: str, args: Sequence[str]
     ) -> dg.MaterializeResult:
-        client = dg.PipesSubprocessClient(env={"NO_ALBUMENTATIONS_UPDATE": "1"})
+        client = dg.PipesSubprocessClient()
         command = [sys.executable, "-m", module, *args]
         context.log.info(f"running {' '.join(command)}")
         return client.run(context=context, command=command).get_materialize_result()

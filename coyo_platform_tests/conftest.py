@@ -4,7 +4,6 @@ downloaded)."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ import polars as pl
 import pytest
 
 from coyo_platform import demo
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 ROWS = 45  # rows per test part: every catalogue item at least once, several shards of 20
 SHARD_SIZE = 20

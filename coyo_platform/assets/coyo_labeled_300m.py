@@ -31,9 +31,7 @@ def coyo_labeled_300m(
     files = label_files(store, key)
     if files:
         metadata = pl.scan_parquet(store.url(METADATA, f"{key}.parquet"))
-        table = build_subset(pl.scan_parquet(files), metadata, config.threshold)
-        labeled = pl.scan_parquet(files).filter(pl.col("error").is_null()).select(pl.len())
-        labeled = labeled.collect().item()
+        table, labeled = build_subset(pl.scan_parquet(files), metadata, config.threshold)
     else:
         table, labeled = CARD_SCHEMA.empty_table(), 0
     url = store.url(SUBSET, f"{key}.parquet")

@@ -5,7 +5,7 @@ from coyo_platform.assets import GROUP
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core import stats
 from coyo_platform.core.labelspace import class_names
-from coyo_platform.core.storage import STATS, Storage, label_files
+from coyo_platform.core.storage import LABELS, STATS, Storage, label_files
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import StorageResource
 
@@ -31,9 +31,7 @@ def label_stats(
     store, key = storage.store(), context.partition_key
     files = label_files(store, key)
     if not files:
-        raise FileNotFoundError(
-            f"no labeled shards for {key} in {store.url('labeled_shards', key)}"
-        )
+        raise FileNotFoundError(f"no labeled shards for {key} in {store.url(LABELS, key)}")
     agg = stats.partial_aggregate(pl.scan_parquet(files))
     url = store.url(STATS, f"{key}.json")
     store.write_json(url, agg)

@@ -41,7 +41,6 @@ def copy_part(source: str, key: str, storage: Storage, limit: int | None = None)
         raise BadPartError(f"{url}: cannot be read as parquet: {exc}") from exc
     check_coyo700m_schema(schema, url)
     try:
-        source_rows = frame.select(pl.len()).collect().item() if limit is None else None
         table = normalize_coyo700m(frame.head(limit) if limit else frame).collect()
     except Exception as exc:
         raise BadPartError(f"{url}: cannot be read as parquet: {exc}") from exc
@@ -60,7 +59,7 @@ def copy_part(source: str, key: str, storage: Storage, limit: int | None = None)
         source_url=url,
         url=out,
         rows=table.height,
-        source_rows=source_rows,
+        source_rows=table.height if limit is None else None,
         unique_urls=table["url"].n_unique(),
         bytes_written=storage.size(out),
     )

@@ -37,8 +37,28 @@ def partial_aggregate(labels: pl.LazyFrame, thresholds: Sequence[float] = CARD_T
         labels=pl.col("labels"),
         probs=pl.col("label_probs").cast(pl.List(pl.Float64)),
     )
-    failed = labels.filter(pl.col("error").is_not_null()).select(pl.len()).collect().item()
-    top = ok.select("top1_class", "top1").collect()
+    queries = [
+        labels.filter(pl.col("error").is_not_null()).select(pl.len()),
+        ok.select("top1_class", "top1"),
+    ]
+    for t in thresholds:
+        # probs are sorted descending, so the labels above t are a prefix of each list
+        above = ok.select(
+            kept=pl.col("top1") >= t,
+            n_above=pl.col("probs").list.eval(pl.element() >= t).list.sum(),
+            labels=pl.col("labels"),
+        )
+        queries.append(
+            above.select(kept=pl.col("kept").sum(), labels_above=pl.col("n_above").sum())
+        )
+        queries.append(
+            above.filter(pl.col("n_above") > 0)
+            .select(cls=pl.col("labels").list.head(pl.col("n_above")))
+            .explode("cls")
+        )
+    # one collect_all: polars shares the scan of the partition's files between the queries
+    failed_frame, top, *per_t = pl.collect_all(queries)
+    failed = failed_frame.item()
     bins = (
         top.select(b=(pl.col("top1") * HISTOGRAM_BINS).floor().clip(0, HISTOGRAM_BINS - 1))
         .group_by("b")
@@ -49,21 +69,8 @@ def partial_aggregate(labels: pl.LazyFrame, thresholds: Sequence[float] = CARD_T
         histogram[int(b)] = int(n)
 
     per_threshold = []
-    for t in thresholds:
-        # probs are sorted descending, so the labels above t are a prefix of each list
-        above = ok.select(
-            kept=pl.col("top1") >= t,
-            n_above=pl.col("probs").list.eval(pl.element() >= t).list.sum(),
-            labels=pl.col("labels"),
-        )
-        sums = above.select(kept=pl.col("kept").sum(), labels_above=pl.col("n_above").sum())
-        kept, labels_above = sums.collect().row(0)
-        classes = (
-            above.filter(pl.col("n_above") > 0)
-            .select(cls=pl.col("labels").list.head(pl.col("n_above")))
-            .explode("cls")
-            .collect()
-        )
+    for t, sums, classes in zip(thresholds, per_t[0::2], per_t[1::2], strict=True):
+        kept, labels_above = sums.row(0)
         per_threshold.append(
             {
                 "threshold": float(t),

@@ -24,7 +24,9 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def build_subset(labels: pl.LazyFrame, metadata: pl.LazyFrame, threshold: float) -> pa.Table:
+def build_subset(
+    labels: pl.LazyFrame, metadata: pl.LazyFrame, threshold: float
+) -> tuple[pa.Table, int]:
     """Select the labeled rows whose top-1 probability is >= ``threshold``.
 
     Args:
@@ -34,24 +36,23 @@ def build_subset(labels: pl.LazyFrame, metadata: pl.LazyFrame, threshold: float)
         threshold: top-1 probability a row must reach to be kept.
 
     Returns:
-        A table in exactly ``CARD_SCHEMA``, one row per id, in shard order.
+        A table in exactly ``CARD_SCHEMA``, one row per id, in shard order, and the number of
+        labeled images it was chosen from.
 
     Raises:
         ValueError: when a labeled id is not one of the source part's ids.
     """
     check_threshold(threshold)
-    kept = (
-        labels.filter(
-            pl.col("error").is_null()
-            & (pl.col("label_probs").list.first().cast(pl.Float64) >= threshold)
-        )
+    ok = labels.filter(pl.col("error").is_null())
+    kept_query = (
+        ok.filter(pl.col("label_probs").list.first().cast(pl.Float64) >= threshold)
         .unique("id", keep="first", maintain_order=True)
         .join(metadata.select("id", "url"), on="id", how="left", maintain_order="left")
-        .collect()
     )
+    kept, labeled = pl.collect_all([kept_query, ok.select(pl.len())])
     strangers = kept.filter(pl.col("url").is_null())["id"]
     if len(strangers):
         raise ValueError(
             f"{len(strangers)} labeled id(s) are not in the source part, e.g. {strangers[0]}"
         )
-    return kept.select(CARD_SCHEMA.names).to_arrow().cast(CARD_SCHEMA)
+    return kept.select(CARD_SCHEMA.names).to_arrow().cast(CARD_SCHEMA), labeled.item()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import imagehash
 import pyarrow as pa
 import torch
 from PIL import Image
@@ -176,8 +177,6 @@ def _iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _decode(shard: str, key: str, members: dict[str, bytes], transform) -> dict[str, Any]:
-    import imagehash
-
     meta = json.loads(members["json"]) if "json" in members else {}
     record: dict[str, Any] = {
         "shard": shard,
