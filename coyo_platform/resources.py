@@ -54,9 +54,13 @@ class LocalCompute(ComputeResource):
 
 
 def program_args(config: dg.Config) -> list[str]:
-    """``--some-setting value`` for each setting of ``config`` that is set."""
+    """``--some-setting value`` for each setting of ``config`` that is set; booleans as
+    ``--flag`` / ``--no-flag`` (argparse's ``BooleanOptionalAction``)."""
     args: list[str] = []
     for name, value in config.model_dump().items():
-        if value is not None:
-            args += [f"--{name.replace('_', '-')}", str(value)]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        elif value is not None:
+            args += [f"--{flag}", str(value)]
     return args

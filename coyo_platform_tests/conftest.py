@@ -74,3 +74,49 @@ def fast_run_config(checkpoint: Path) -> dict:
             },
         }
     }
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's server), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; the standard AWS variables point every client (boto3, s3fs, subprocesses)
+    at the loopback server with throwaway credentials."""
+    import uuid
+
+    import boto3
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"coyo-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def write_tar(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
+    """A webdataset shard as img2dataset writes it: ``key.jpg`` + ``key.json`` per sample."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, image, meta in samples:
+            for ext, data in (("jpg", image), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

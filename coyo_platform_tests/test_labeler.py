@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import polars as pl
@@ -14,18 +11,15 @@ from PIL import Image
 
 from coyo_platform import demo
 from coyo_platform.core.labelspace import goog_to_fall11
-from coyo_platform.worker.labeler import LabelerSettings, label_shards, load_model
+from coyo_platform.worker.labeler import (
+    LabelerSettings,
+    label_shards,
+    load_model,
+    local_checkpoint,
+)
+from coyo_platform_tests.conftest import write_tar
 
-PROB_TOLERANCE = 1e-5  # fp32 on the CPU; batching may change the last bits
-
-
-def _write_tar(path: Path, samples: list[tuple[str, bytes, dict]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, image, meta in samples:
-            for ext, data in (("jpg", image), ("json", json.dumps(meta).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+PROB_TOLERANCE = 1e-5  # fp32 on the CPU; batching and channels_last may change the last bits
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +34,8 @@ def shards(site, tmp_path_factory) -> tuple[Path, list[Path]]:
     ]
     broken = (site.images / "truncated.jpg").read_bytes()
     samples.insert(2, ("000000099", broken, {"id": 9999}))
-    _write_tar(folder / "00000.tar", samples[:4])
-    _write_tar(folder / "00001.tar", samples[4:])
+    write_tar(folder / "00000.tar", samples[:4])
+    write_tar(folder / "00001.tar", samples[4:])
     return folder, photos
 
 
@@ -68,6 +62,7 @@ def test_worker_matches_timm_recipe_and_records_broken_images(site, shards, tmp_
         preset="timm",
         model=demo.DEMO_MODEL,
         checkpoint=str(site.checkpoint),
+        precision="fp32",  # the fast path otherwise: uint8 transfer, channels_last, lagged collect
         batch_size=3,
         num_workers=1,
     )
@@ -133,3 +128,67 @@ def test_checkpoint_with_wrong_class_count_is_refused(tmp_path: Path):
     torch.save(timm.create_model(demo.DEMO_MODEL, num_classes=1000).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit test_efficientnet with 21843 outputs"):
         load_model(LabelerSettings(model=demo.DEMO_MODEL, checkpoint=str(path)))
+
+
+def _label(folder: Path, out: Path, site, **settings) -> pl.DataFrame:
+    base = {"preset": "timm", "model": demo.DEMO_MODEL, "checkpoint": str(site.checkpoint)}
+    label_shards(str(folder), str(out), LabelerSettings(**{**base, **settings}))
+    return pl.read_parquet(out / "*.parquet").filter(pl.col("error").is_null()).sort("id")
+
+
+def test_compiled_model_gives_the_same_labels(site, shards, tmp_path: Path):
+    """torch.compile, with the last batch padded to the static batch size (7 photos, batch 3)."""
+    folder, photos = shards
+    out = _label(folder, tmp_path / "out", site, precision="fp32", batch_size=3, compile=True)
+    values, indices = _timm_reference(site.checkpoint, photos)
+    assert out["labels"].to_list() == indices.tolist()
+    got = torch.tensor(out["label_probs"].to_list())
+    assert torch.allclose(got, values, atol=PROB_TOLERANCE, rtol=0)
+
+
+DEVICE_DECODE_TOLERANCE = 2e-3  # torchvision's antialiased resize vs PIL's; 5e-4 measured
+
+
+def test_decode_on_device_keeps_top1_and_imagehash(site, shards, tmp_path: Path):
+    """The torchvision JPEG path (nvJPEG on CUDA; here its CPU twin) against the PIL path."""
+    folder, _ = shards
+    pil = _label(folder, tmp_path / "pil", site, precision="fp32", num_workers=0)
+    dev = _label(folder, tmp_path / "dev", site, precision="fp32", decode_on_device=True)
+    assert dev["id"].to_list() == pil["id"].to_list()
+    assert dev["imagehash"].to_list() == pil["imagehash"].to_list()
+    assert dev["labels"].list.first().to_list() == pil["labels"].list.first().to_list()
+    diff = torch.tensor(dev["label_probs"].to_list()) - torch.tensor(pil["label_probs"].to_list())
+    assert diff.abs().max().item() < DEVICE_DECODE_TOLERANCE
+
+
+def test_weights_from_s3_are_fetched_once_and_label_the_same(site, shards, s3_bucket, tmp_path):
+    import boto3
+
+    folder, _ = shards
+    url = f"s3://{s3_bucket}/weights/random_model.pth"
+    boto3.client("s3").upload_file(str(site.checkpoint), s3_bucket, "weights/random_model.pth")
+    cache = tmp_path / "cache"
+    local = _label(folder, tmp_path / "local", site, precision="fp32")
+    remote = _label(
+        folder, tmp_path / "s3", site, precision="fp32", checkpoint=url, checkpoint_cache=str(cache)
+    )
+    assert remote["labels"].to_list() == local["labels"].to_list()
+    cached = list(cache.rglob("*.pth"))
+    assert [p.read_bytes() for p in cached] == [site.checkpoint.read_bytes()]
+    assert local_checkpoint(url, str(cache)) == str(cached[0])  # a second run reads the copy
+
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        local_checkpoint(f"s3://{s3_bucket}/weights/missing.pth", str(cache))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        local_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_defaults_fit_the_device():
+    settings = LabelerSettings()
+    assert settings.resolved_batch_size(torch.device("cuda")) == 128
+    assert settings.resolved_batch_size(torch.device("cpu")) == 32
+    assert LabelerSettings(batch_size=7).resolved_batch_size(torch.device("cuda")) == 7
+    assert settings.autocast_dtype(torch.device("cuda")) in (torch.bfloat16, None)
+    assert LabelerSettings(precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LabelerSettings(precision="fp8")

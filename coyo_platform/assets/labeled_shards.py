@@ -14,13 +14,21 @@ class LabelConfig(dg.Config):
     """``coyo``: the card's EfficientNetV2-XL pipeline; ``timm``: the model's own eval config."""
     model: str | None = None
     checkpoint: str | None = None
-    """Weights file; without it the model's pretrained weights come from the Hugging Face hub."""
+    """Weights: a path, or s3:// / hf:// / https:// (fetched once and cached on the worker);
+    without it the model's pretrained weights come from the Hugging Face hub."""
     activation: str | None = None
     image_size: int | None = None
     interpolation: str | None = None
+    precision: str = "auto"
+    """``auto``: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
     batch_size: int | None = None
+    """Default 128 on CUDA, 32 on the CPU."""
     num_workers: int | None = None
     device: str = "auto"
+    compile: bool = False
+    """``torch.compile`` the model: faster once warm, minutes to compile."""
+    decode_on_device: bool = False
+    """Decode JPEGs on the GPU with nvJPEG (torchvision); pHash still on the CPU."""
 
 
 @dg.asset(partitions_def=coyo_parts, deps=[downloaded_shards], group_name=GROUP, kinds={"pytorch"})

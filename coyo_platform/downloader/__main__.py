@@ -31,12 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in fields(DownloadSettings):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        kind = (
-            (lambda s: s.lower() in ("1", "true", "yes"))
-            if isinstance(value, bool)
-            else type(value)
-        )
-        parser.add_argument(flag, dest=f.name, type=kind, default=value, help=f"default {value}")
+        if isinstance(value, bool):
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": type(value)}
+        parser.add_argument(flag, dest=f.name, default=value, help=f"default {value}", **kind)
     return parser.parse_args(argv)
 
 
