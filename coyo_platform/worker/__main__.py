@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                 "images_per_second": round(s.images_per_second, 2),
                 "seconds": round(s.seconds, 2),
                 "warmup_seconds": round(s.warmup_seconds, 2),
+                "peak_rss_mb": round(s.peak_rss_mb, 1),
+                "peak_gpu_memory_mb": round(s.peak_device_memory_mb or 0, 1),
                 "preset": settings.preset,
                 "model": settings.model,
                 "checkpoint": settings.checkpoint or "hub pretrained",

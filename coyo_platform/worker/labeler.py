@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import tarfile
 import threading
 import time
@@ -353,6 +354,9 @@ class LabelSummary:
     batch's labels are out."""
     steady_images: int = 0
     steady_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the labeling process (loader processes not included)."""
+    peak_device_memory_mb: float | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -405,7 +409,7 @@ class ShardWriter:
             raise self._error
 
 
-class _Model:
+class ModelStep:
     """The model on its device, fed uint8 batches; ``launch`` queues a batch and returns at once
     (on CUDA), ``collect`` waits for that batch's top 50."""
 
@@ -427,6 +431,8 @@ class _Model:
         self.std = torch.tensor([255 * s for s in self.config["std"]], device=device).view(shape)
         self.size = self.config["input_size"][1:]
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size for the whole run
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:
         """Host to device on a side stream (CUDA), so the copy overlaps the previous batch."""
@@ -508,7 +514,7 @@ def label_shards(
         return summary
 
     device = settings.resolved_device()
-    model = _Model(settings, device)
+    model = ModelStep(settings, device)
     precision = "bf16 autocast" if model.dtype else "fp32"
     log.info(
         f"model {settings.model} on {device} ({precision}, batch {model.batch_size}, "
@@ -577,6 +583,9 @@ def label_shards(
     if steady_from is not None:
         summary.steady_seconds = end - steady_from[0]
         summary.steady_images = summary.labeled - steady_from[1]
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        summary.peak_device_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
     return summary
 
 
