@@ -192,3 +192,45 @@ def test_defaults_fit_the_device():
     assert LabelerSettings(precision="fp32").autocast_dtype(torch.device("cuda")) is None
     with pytest.raises(ValueError, match="precision must be one of"):
         LabelerSettings(precision="fp8")
+
+
+def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path: Path):
+    """A grayscale JPEG is labeled (on the device path too); a sample whose json is broken or
+    not an object is a failed row with its reason, and the rest of the shard is labeled."""
+    import io
+    import tarfile
+
+    photo = next(p for p in sorted(site.images.glob("*.jpg")) if p.stem.startswith("coffee"))
+    gray = io.BytesIO()
+    Image.open(photo).convert("L").save(gray, "JPEG", quality=90)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_tar(
+        folder / "00000.tar",
+        [("000000000", photo.read_bytes(), {"id": 1}), ("000000001", gray.getvalue(), {"id": 2})],
+    )
+    with tarfile.open(folder / "00000.tar", "a") as tar:
+        for key, meta in (("000000002", b"{not json"), ("000000003", b"[1, 2]")):
+            for ext, data in (("jpg", photo.read_bytes()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    for decode_on_device in (False, True):
+        out = tmp_path / f"out-{decode_on_device}"
+        settings = LabelerSettings(
+            preset="timm",
+            model=demo.DEMO_MODEL,
+            checkpoint=str(site.checkpoint),
+            decode_on_device=decode_on_device,
+            num_workers=0,
+        )
+        summary = label_shards(str(folder), str(out), settings)
+        assert (summary.labeled, summary.failed) == (2, 2)
+        assert summary.failed_by_reason == {
+            "sample json: JSONDecodeError": 1,
+            "sample json: ValueError": 1,
+        }
+        rows = pl.read_parquet(out / "00000.parquet").sort("key")
+        assert rows["id"].to_list() == [1, 2, None, None]
+        assert rows["labels"].list.len().to_list() == [50, 50, None, None]

@@ -53,9 +53,12 @@ from coyo_platform.core.storage import Storage
 DEFAULT_MODEL = "tf_efficientnetv2_xl.in21k"
 ACTIVATIONS = ("sigmoid", "softmax")
 PRECISIONS = ("auto", "bf16", "fp32")
-#: Batch sizes used when ``batch_size`` is not set. On CUDA, 128 images of EfficientNetV2-XL at
-#: 512 in bf16 inference stay far below a 24 GB card's memory (activations are freed layer by
-#: layer); on the CPU, larger batches buy nothing.
+#: Batch sizes used when ``batch_size`` is not set. CUDA: 128, an estimate not yet measured on a
+#: GPU: EfficientNetV2-XL at 512 in inference frees activations layer by layer, and its largest
+#: layer output is 4.2M values per image (8 MB in bf16; counted with forward hooks on the CPU), so
+#: with a few alive at once 128 images need a few GB, plus about 1 GB of weights: it fits 16 GB
+#: cards and leaves an H100 room. ``benchmarks/labeler.py --gpu`` reports the measured peak.
+#: CPU: 32; larger batches buy nothing there.
 DEFAULT_BATCH = {"cuda": 128, "cpu": 32}
 CHECKPOINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "coyo_platform", "checkpoints")
 
@@ -129,7 +132,8 @@ class LabelerSettings:
     graph serves the whole run)."""
     decode_on_device: bool = False
     """Decode JPEGs and resize on the model's device with torchvision (nvJPEG on CUDA). The pHash
-    is still computed on the CPU from the same bytes, so ``imagehash`` does not change."""
+    is still computed on the CPU from a full decode, so ``imagehash`` does not change; this only
+    takes the resize off the loader processes."""
     checkpoint_cache: str = CHECKPOINT_CACHE
 
     def __post_init__(self) -> None:
@@ -264,17 +268,26 @@ def _iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 def _decode(
     shard: str, key: str, members: dict[str, bytes], transform, jpeg_on_device: bool
 ) -> dict[str, Any]:
-    meta = json.loads(members["json"]) if "json" in members else {}
     record: dict[str, Any] = {
         "shard": shard,
         "key": key,
-        "id": meta.get("id"),
-        "width": meta.get("original_width"),
-        "height": meta.get("original_height"),
+        "id": None,
+        "width": None,
+        "height": None,
         "imagehash": None,
         "input": None,
         "error": None,
     }
+    try:
+        meta = json.loads(members.get("json", b"{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        record["error"] = f"sample json: {type(exc).__name__}: {str(exc)[:120]}"
+        return record
+    record.update(
+        id=meta.get("id"), width=meta.get("original_width"), height=meta.get("original_height")
+    )
     data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     if record["id"] is None:
         record["error"] = "sample has no id in its json"
@@ -283,7 +296,7 @@ def _decode(
     else:
         try:
             with Image.open(io.BytesIO(data)) as img:
-                is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+                is_jpeg = img.format == "JPEG"
                 rgb = img.convert("RGB")
             record["imagehash"] = str(imagehash.phash(rgb))
             if jpeg_on_device and is_jpeg:
@@ -430,9 +443,12 @@ class ModelStep:
         self.mean = torch.tensor([255 * m for m in self.config["mean"]], device=device).view(shape)
         self.std = torch.tensor([255 * s for s in self.config["std"]], device=device).view(shape)
         self.size = self.config["input_size"][1:]
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copy_stream = None
         if device.type == "cuda":
+            torch.cuda.set_device(device)  # current streams and events below are this device's
             torch.backends.cudnn.benchmark = True  # one input size for the whole run
+            self.copy_stream = torch.cuda.Stream(device)
+        self._transform = None
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:
         """Host to device on a side stream (CUDA), so the copy overlaps the previous batch."""
@@ -440,26 +456,52 @@ class ModelStep:
             return x.to(self.device, non_blocking=True)
         with torch.cuda.stream(self.copy_stream):
             y = x.to(self.device, non_blocking=True)
-        torch.cuda.current_stream().wait_stream(self.copy_stream)
-        y.record_stream(torch.cuda.current_stream())
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        y.record_stream(compute)
         return y
+
+    def _decode_jpegs(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """RGB uint8 CHW tensors on the device. nvJPEG decodes on its own stream, which does not
+        wait for ours, into memory our queued kernels may still use: so the compute stream is
+        drained first. A batch nvJPEG rejects is decoded image by image, and an image it rejects
+        goes through the CPU path (PIL and timm's transform), which accepted it already."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
+            try:
+                return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                pass
+            out = []
+            for data in jpegs:
+                try:
+                    out.extend(decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    if self._transform is None:
+                        self._transform = build_transform(self.config)
+                    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                        out.append(self._transform(img.convert("RGB")).to(self.device))
+            return out
 
     def _on_device(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """uint8 NCHW on the device; JPEG bytes are decoded and resized there."""
         if isinstance(inputs, torch.Tensor):
             return self._copy(inputs)
-        from torchvision.io import decode_jpeg
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2.functional import resize
 
         jpegs = [i for i, t in enumerate(inputs) if t.dim() == 1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
-            decoded = decode_jpeg([inputs[i] for i in jpegs], device=self.device)
+        decoded = self._decode_jpegs([inputs[i] for i in jpegs])
         mode = InterpolationMode(self.config["interpolation"])
         out = [self._copy(t) if t.dim() == 3 else t for t in inputs]
         for i, img in zip(jpegs, decoded, strict=True):
-            out[i] = resize(img, list(self.size), interpolation=mode, antialias=True)
+            if tuple(img.shape[1:]) != tuple(self.size):
+                img = resize(img, list(self.size), interpolation=mode, antialias=True)
+            out[i] = img
         return torch.stack(out)
 
     def launch(
@@ -485,7 +527,7 @@ class ModelStep:
         host_values.copy_(values, non_blocking=True)
         host_labels.copy_(labels, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return host_values, host_labels, done
 
     @staticmethod
