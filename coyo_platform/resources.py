@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import dagster as dg
 
@@ -23,12 +23,15 @@ class SourceResource(dg.ConfigurableResource):
 
 
 class StorageResource(dg.ConfigurableResource):
-    """The storage root every asset reads and writes below (a local folder or ``s3://``)."""
+    """The storage root every asset reads and writes below (a local folder or ``s3://``).
+    Credentials: the standard AWS chain only. ``endpoint_url`` (else ``AWS_ENDPOINT_URL``) for
+    S3-compatible stores."""
 
     root: str = "./data"
+    endpoint_url: str | None = None
 
     def store(self) -> Storage:
-        return Storage(self.root)
+        return Storage(self.root, endpoint_url=self.endpoint_url)
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -36,8 +39,13 @@ class ComputeResource(dg.ConfigurableResource):
     returns the materialization the program reported."""
 
     def run_program(
-        self, context: dg.AssetExecutionContext, module: str, args: Sequence[str]
+        self,
+        context: dg.AssetExecutionContext,
+        module: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
     ) -> dg.MaterializeResult:
+        """Run ``python -m module *args`` with ``env`` added to its environment."""
         raise NotImplementedError
 
 
@@ -45,12 +53,17 @@ class LocalCompute(ComputeResource):
     """Runs the program as a subprocess of this machine (``PipesSubprocessClient``)."""
 
     def run_program(
-        self, context: dg.AssetExecutionContext, module: str, args: Sequence[str]
+        self,
+        context: dg.AssetExecutionContext,
+        module: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
     ) -> dg.MaterializeResult:
         client = dg.PipesSubprocessClient()
         command = [sys.executable, "-m", module, *args]
         context.log.info(f"running {' '.join(command)}")
-        return client.run(context=context, command=command).get_materialize_result()
+        run = client.run(context=context, command=command, env=dict(env or {}))
+        return run.get_materialize_result()
 
 
 def program_args(config: dg.Config) -> list[str]:

@@ -30,8 +30,8 @@ def coyo_labeled_300m(
     store, key = storage.store(), context.partition_key
     files = label_files(store, key)
     if files:
-        metadata = pl.scan_parquet(store.url(METADATA, f"{key}.parquet"))
-        table, labeled = build_subset(pl.scan_parquet(files), metadata, config.threshold)
+        metadata = store.scan_parquet(store.url(METADATA, f"{key}.parquet"))
+        table, labeled = build_subset(store.scan_parquet(files), metadata, config.threshold)
     else:
         table, labeled = CARD_SCHEMA.empty_table(), 0
     url = store.url(SUBSET, f"{key}.parquet")

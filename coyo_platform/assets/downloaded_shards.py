@@ -37,4 +37,6 @@ def downloaded_shards(
         "--output",
         store.url(DOWNLOADS, key),
     ]
-    return compute.run_program(context, "coyo_platform.downloader", args + program_args(config))
+    return compute.run_program(
+        context, "coyo_platform.downloader", args + program_args(config), env=store.env()
+    )

@@ -1,5 +1,4 @@
 import dagster as dg
-import polars as pl
 
 from coyo_platform.assets import GROUP
 from coyo_platform.assets.labeled_shards import labeled_shards
@@ -32,7 +31,7 @@ def label_stats(
     files = label_files(store, key)
     if not files:
         raise FileNotFoundError(f"no labeled shards for {key} in {store.url(LABELS, key)}")
-    agg = stats.partial_aggregate(pl.scan_parquet(files))
+    agg = stats.partial_aggregate(store.scan_parquet(files))
     url = store.url(STATS, f"{key}.json")
     store.write_json(url, agg)
     return dg.MaterializeResult(metadata=_metadata(agg, url))

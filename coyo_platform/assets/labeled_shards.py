@@ -41,4 +41,6 @@ def labeled_shards(
     """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image."""
     store, key = storage.store(), context.partition_key
     args = ["--shards", store.url(DOWNLOADS, key), "--output", store.url(LABELS, key)]
-    return compute.run_program(context, "coyo_platform.worker", args + program_args(config))
+    return compute.run_program(
+        context, "coyo_platform.worker", args + program_args(config), env=store.env()
+    )

@@ -10,6 +10,11 @@ Every stage reads and writes below the root with the layout::
 
 Writes are atomic for readers: a file is written under a temporary name and then moved into place
 (a rename on a local disk; on S3 an object only appears once its upload completes).
+
+S3 credentials come from the standard AWS chain (environment, profile, instance or task role),
+never from settings. An S3-compatible store is reached through the standard ``AWS_ENDPOINT_URL``
+variable, which s3fs, polars and boto3 all read, or through ``endpoint_url`` here, which this
+class hands to fsspec and polars alike and, through ``env()``, to the programs it starts.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import uuid
 from typing import Any
 
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,12 +40,23 @@ SUBSET = "coyo_labeled_300m"
 class Storage:
     """Paths and atomic writes below one root URL."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
         if "://" not in root:
             root = os.path.abspath(root)
         self.root = root.rstrip("/")
-        self.fs, _ = fsspec.core.url_to_fs(self.root)
+        self.endpoint_url = endpoint_url or None
         self.is_local = "://" not in self.root or self.root.startswith("file://")
+        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
+
+    def env(self) -> dict[str, str]:
+        """Environment for a program that reads and writes this root (the endpoint, if set)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url} if self.endpoint_url else {}
+
+    def scan_parquet(self, urls: str | list[str]) -> pl.LazyFrame:
+        """``pl.scan_parquet`` with this root's endpoint."""
+        options = {"aws_endpoint_url": self.endpoint_url} if self.endpoint_url else None
+        return pl.scan_parquet(urls, storage_options=options)
 
     def url(self, *parts: str) -> str:
         """The URL of ``parts`` joined below the root."""

@@ -1,0 +1,88 @@
+"""The whole graph for a partition with the storage root on S3 (a real S3 API on loopback, moto's
+server), reached through ``AWS_ENDPOINT_URL`` or through the storage resource's own setting, gives
+the same outputs as on a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import polars as pl
+import pytest
+
+from coyo_platform import demo
+from coyo_platform.assets.label_stats import label_stats_rollup
+from coyo_platform.core.storage import Storage
+from coyo_platform.definitions import PIPELINE, local_resources
+from coyo_platform.resources import StorageResource
+from coyo_platform_tests.conftest import ROWS, fast_run_config
+
+PART = "part-00000"
+
+
+def _run(site, source: Path, resources: dict) -> None:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        result = dg.materialize(
+            PIPELINE,
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            run_config=fast_run_config(site.checkpoint),
+        )
+        assert result.success
+        assert dg.materialize([label_stats_rollup], instance=instance, resources=resources).success
+
+
+def _outputs(store: Storage) -> dict:
+    """What a consumer reads back: the subset, the labels (minus run-specific keys), the stats."""
+    subset = store.scan_parquet(store.url("coyo_labeled_300m", f"{PART}.parquet")).collect()
+    labels = store.scan_parquet(store.glob(store.url("labeled_shards", PART, "*.parquet")))
+    return {
+        "subset": subset.sort("id"),
+        "labels": labels.collect().drop("key").sort("id"),
+        "stats": store.read_json(store.url("label_stats", f"{PART}.json")),
+        "rollup": store.read_json(store.url("label_stats", "_all_partitions.json")),
+        "shards": sorted(
+            Path(p).name for p in store.glob(store.url("downloaded_shards", PART, "*"))
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def folder_outputs(site, tmp_path_factory) -> dict:
+    """The same parts (same rows, same image server) run on a local folder, once."""
+    tmp = tmp_path_factory.mktemp("folder_run")
+    demo.write_parts(tmp / "source", site.images, site.items, site.base_url, parts=2, rows=ROWS)
+    resources = local_resources(source=str(tmp / "source"), data_root=str(tmp / "data"))
+    _run(site, tmp / "source", resources)
+    return _outputs(resources["storage"].store())
+
+
+@pytest.mark.parametrize("endpoint", ["AWS_ENDPOINT_URL", "endpoint_url setting"])
+def test_pipeline_on_s3_matches_the_folder_run(
+    endpoint, site, source, s3_bucket, s3_endpoint, folder_outputs, monkeypatch
+):
+    root = f"s3://{s3_bucket}/coyo"
+    resources = local_resources(source=str(source), data_root=root)
+    if endpoint == "endpoint_url setting":
+        monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the resource knows where S3 is
+        resources["storage"] = StorageResource(root=root, endpoint_url=s3_endpoint)
+    _run(site, source, resources)
+
+    on_s3 = _outputs(resources["storage"].store())
+    for name in ("subset", "labels"):
+        assert on_s3[name].equals(folder_outputs[name]), name
+    assert on_s3["stats"] == folder_outputs["stats"]
+    assert on_s3["rollup"] == folder_outputs["rollup"]
+    assert on_s3["shards"] == folder_outputs["shards"]
+
+    # and it all really is in the bucket: no local fallback folder was written
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert f"coyo/coyo_labeled_300m/{PART}.parquet" in keys
+    assert f"coyo/coyo700m_metadata/{PART}.parquet" in keys
+    assert any(k.startswith(f"coyo/labeled_shards/{PART}/") for k in keys)
+    assert not any(".tmp-" in k for k in keys)
+    assert not Path("s3:").exists(), "something wrote an s3:// URL as a local path"
