@@ -8,7 +8,6 @@ from pathlib import Path
 
 import boto3
 import dagster as dg
-import polars as pl
 import pytest
 
 from coyo_platform import demo
