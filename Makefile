@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# cfn-lint and checkov check infra/; checkov pins an older boto3 than the project's, so they live
+# in their own environment.
+TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: demo test ui lint clean bench bench-gpu
@@ -15,10 +18,16 @@ $(BIN)/coyo-platform: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+$(TOOLS)/bin/checkov:
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS)/bin/python -m pip install --quiet checkov==3.3.30 cfn-lint==1.58.0
+	touch $@
+
 demo: $(BIN)/coyo-platform
 	$(BIN)/coyo-platform demo
 
-test: $(BIN)/coyo-platform
+test: $(BIN)/coyo-platform $(TOOLS)/bin/checkov
 	$(BIN)/python -m pytest
 
 ui: $(BIN)/coyo-platform

@@ -13,7 +13,7 @@ from coyo_platform.assets.downloaded_shards import downloaded_shards
 from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core.sources import HUB_SOURCE
-from coyo_platform.resources import LocalCompute, SourceResource, StorageResource
+from coyo_platform.resources import EcsCompute, LocalCompute, SourceResource, StorageResource
 
 #: The partitioned assets, in the order a partition flows through them.
 PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, coyo_labeled_300m]
@@ -34,7 +34,28 @@ def local_resources(source: str | None = None, data_root: str | None = None) -> 
     }
 
 
-DEPLOYMENTS = {"local": local_resources}
+def aws_resources() -> dict:
+    """AWS: storage on S3, the downloader and the labeler as ECS tasks (``EcsCompute``). Every
+    value comes from the environment, which the Dagster service's task definition in
+    ``infra/coyo-platform.yaml`` sets from the stack's own resources; credentials come from the
+    task's IAM role (the standard AWS chain), never from here."""
+    return {
+        "source": SourceResource(location=os.environ.get("COYO_SOURCE", HUB_SOURCE)),
+        "storage": StorageResource(root=dg.EnvVar("COYO_DATA_ROOT")),
+        "compute": EcsCompute(
+            cluster=dg.EnvVar("COYO_ECS_CLUSTER"),
+            subnets=dg.EnvVar("COYO_ECS_SUBNETS"),
+            security_groups=dg.EnvVar("COYO_ECS_SECURITY_GROUPS"),
+            pipes_bucket=dg.EnvVar("COYO_PIPES_BUCKET"),
+            downloader_task_definition=dg.EnvVar("COYO_DOWNLOADER_TASK_DEFINITION"),
+            labeler_task_definition=dg.EnvVar("COYO_LABELER_TASK_DEFINITION"),
+            cpu_capacity_provider=dg.EnvVar("COYO_CPU_CAPACITY_PROVIDER"),
+            gpu_capacity_provider=dg.EnvVar("COYO_GPU_CAPACITY_PROVIDER"),
+        ),
+    }
+
+
+DEPLOYMENTS = {"local": local_resources, "aws": aws_resources}
 
 
 def resources_for(env: str | None = None) -> dict:

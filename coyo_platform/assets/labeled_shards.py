@@ -31,7 +31,13 @@ class LabelConfig(dg.Config):
     """Decode JPEGs on the GPU with nvJPEG (torchvision); pHash still on the CPU."""
 
 
-@dg.asset(partitions_def=coyo_parts, deps=[downloaded_shards], group_name=GROUP, kinds={"pytorch"})
+@dg.asset(
+    partitions_def=coyo_parts,
+    deps=[downloaded_shards],
+    group_name=GROUP,
+    kinds={"pytorch"},
+    pool="gpu",  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
+)
 def labeled_shards(
     context: dg.AssetExecutionContext,
     config: LabelConfig,

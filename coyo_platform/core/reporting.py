@@ -10,7 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+from dagster_pipes import (
+    PipesEnvVarParamsLoader,
+    PipesS3ContextLoader,
+    PipesS3MessageWriter,
+    open_dagster_pipes,
+)
 
 
 def md(text: str) -> dict[str, Any]:
@@ -45,11 +50,29 @@ class Reporter:
             print(json.dumps(plain, indent=1, default=str))
 
 
+def _pipes_channels() -> dict[str, Any]:
+    """S3 context loader and message writer when Dagster passed S3 locations (as the ECS compute
+    does: ECS caps a task's overrides at 8 KB), else Pipes' defaults (files, for subprocesses)."""
+    params = PipesEnvVarParamsLoader()
+    context, messages = params.load_context_params(), params.load_messages_params()
+    if "bucket" not in context and "bucket" not in messages:
+        return {}
+    import boto3  # the standard AWS chain; AWS_ENDPOINT_URL for S3-compatible stores
+
+    s3 = boto3.client("s3")
+    channels: dict[str, Any] = {}
+    if "bucket" in context:
+        channels["context_loader"] = PipesS3ContextLoader(s3)
+    if "bucket" in messages:
+        channels["message_writer"] = PipesS3MessageWriter(s3, interval=5)
+    return channels
+
+
 @contextmanager
 def open_reporter() -> Iterator[Reporter]:
     """Pipes when this process was launched through Dagster Pipes, else the terminal."""
     if PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        with open_dagster_pipes() as pipes:
+        with open_dagster_pipes(**_pipes_channels()) as pipes:
             yield Reporter(pipes)
     else:
         yield Reporter(None)
