@@ -549,6 +549,8 @@ def label_shards(
     began = time.monotonic()
     source, out = Storage(shards_dir), Storage(output_dir)
     all_shards = source.glob(f"{source.root}/*.tar")
+    if not all_shards:
+        raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
     todo = [s for s in all_shards if not out.exists(out.url(shard_name(s) + ".parquet"))]
     summary = LabelSummary(shards_skipped=len(all_shards) - len(todo))
     log.info(f"{len(all_shards)} shards, {summary.shards_skipped} already labeled")

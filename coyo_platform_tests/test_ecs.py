@@ -1,0 +1,274 @@
+"""The aws deployment's compute seam, end to end: the pipeline for a partition with storage on S3
+(moto's server on loopback) and the downloader and the labeler launched by ``EcsCompute`` through
+``PipesECSClient``, the Pipes context and messages passing through S3.
+
+ECS itself cannot run here, so ECS's API is answered in-process: every request is built,
+validated and serialized by botocore exactly as for AWS (its service model rejects a malformed
+``run_task``), then ``run_task`` starts the task's container the way ECS would: as a process
+running the task definition's entrypoint from ``infra/coyo-platform.yaml`` plus the override's
+command, with the task definition's and the override's environment. Only ``python`` is this
+interpreter rather than the image's."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+import zlib
+from pathlib import Path
+
+import boto3
+import botocore.session
+import botocore.validate
+import dagster as dg
+import polars as pl
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from coyo_platform.definitions import PIPELINE
+from coyo_platform.resources import ECS_OVERRIDES_LIMIT, EcsCompute, SourceResource, StorageResource
+from coyo_platform_tests.conftest import ROWS, fast_run_config
+from coyo_platform_tests.test_infra import template
+
+PART = "part-00000"
+ACCOUNT, REGION = "123456789012", "us-east-1"
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+class LoopbackEcs:
+    """ECS's API for the stack's task definitions, with tasks run as local processes."""
+
+    def __init__(self) -> None:
+        resources = template()["Resources"]
+        self.definitions = {}
+        for logical, family in (
+            ("LabelerTaskDefinition", "coyo-labeler"),
+            ("DownloaderTaskDefinition", "coyo-downloader"),
+        ):
+            [container] = resources[logical]["Properties"]["ContainerDefinitions"]
+            self.definitions[family] = container
+        self.requests: list[dict] = []
+        self.tasks: dict[str, dict] = {}
+        self.model = botocore.session.get_session().get_service_model("ecs")
+
+    def __call__(self, request, **_) -> AWSResponse:
+        operation = request.headers["X-Amz-Target"].decode().split(".")[-1]
+        params = json.loads(request.body or b"{}")
+        body = getattr(self, operation)(params)
+        return AWSResponse(request.url, 200, {}, _Body(json.dumps(body).encode()))
+
+    def _definition(self, family: str) -> dict:
+        container = self.definitions[family.split(":")[0].split("/")[-1]]
+        return {
+            "name": container["Name"],
+            "image": "worker:latest",
+            "entryPoint": container["EntryPoint"],
+            "environment": [
+                {"name": e["Name"], "value": e["Value"]} for e in container["Environment"]
+            ],
+            "logConfiguration": {
+                "logDriver": "awslogs",
+                "options": {
+                    "awslogs-group": "/coyo-platform/test/worker",
+                    "awslogs-region": REGION,
+                    "awslogs-stream-prefix": container["Name"],
+                },
+            },
+        }
+
+    def DescribeTaskDefinition(self, params: dict) -> dict:  # noqa: N802 (ECS's names)
+        family = params["taskDefinition"]
+        return {
+            "taskDefinition": {
+                "taskDefinitionArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:task-definition/{family}:1",
+                "family": family,
+                "containerDefinitions": [self._definition(family)],
+            }
+        }
+
+    def RunTask(self, params: dict) -> dict:  # noqa: N802
+        operation = self.model.operation_model("RunTask")
+        botocore.validate.validate_parameters(params, operation.input_shape)  # raises if not
+        self.requests.append(params)
+        definition = self._definition(params["taskDefinition"])
+        [override] = params["overrides"]["containerOverrides"]
+        assert override["name"] == definition["name"]
+        env = dict(os.environ)
+        for entry in definition["environment"] + override.get("environment", []):
+            env[entry["name"]] = entry["value"]
+        entry_point = [sys.executable if w == "python" else w for w in definition["entryPoint"]]
+        done = subprocess.run(
+            [*entry_point, *override["command"]], env=env, capture_output=True, text=True
+        )
+        cluster = params["cluster"]
+        arn = f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/{cluster}/{uuid.uuid4().hex}"
+        self.tasks[arn] = {
+            "taskArn": arn,
+            "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{cluster}",
+            "lastStatus": "STOPPED",
+            "stopCode": "EssentialContainerExited",
+            "containers": [
+                {"name": definition["name"], "exitCode": done.returncode, "runtimeId": arn[-12:]}
+            ],
+            "_stderr": done.stderr,
+        }
+        started = {
+            **self.tasks[arn],
+            "lastStatus": "PENDING",
+            "containers": [{"name": definition["name"]}],
+        }
+        started.pop("_stderr")
+        return {"tasks": [started], "failures": []}
+
+    def DescribeTasks(self, params: dict) -> dict:  # noqa: N802
+        tasks = [
+            {k: v for k, v in self.tasks[t].items() if k != "_stderr"} for t in params["tasks"]
+        ]
+        return {"tasks": tasks, "failures": []}
+
+    def StopTask(self, params: dict) -> dict:  # noqa: N802
+        return {"task": self.DescribeTasks({"tasks": [params["task"]]})["tasks"][0]}
+
+
+@pytest.fixture
+def ecs(s3_bucket, monkeypatch) -> LoopbackEcs:
+    fake = LoopbackEcs()
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register("before-send.ecs", fake)
+    yield fake
+    boto3.DEFAULT_SESSION = None
+
+
+def _decode(value: str) -> dict:
+    return json.loads(zlib.decompress(base64.b64decode(value)))
+
+
+def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_bucket, ecs):
+    checkpoint_url = f"s3://{s3_bucket}/weights/random_model.pth"
+    boto3.client("s3").upload_file(str(site.checkpoint), s3_bucket, "weights/random_model.pth")
+    compute = EcsCompute(
+        cluster="coyo-test",
+        subnets="subnet-0a,subnet-0b",
+        security_groups="sg-0c",
+        pipes_bucket=s3_bucket,
+        downloader_task_definition="coyo-downloader",
+        labeler_task_definition="coyo-labeler",
+        cpu_capacity_provider="coyo-cpu",
+        gpu_capacity_provider="coyo-gpu",
+    )
+    resources = {
+        "source": SourceResource(location=str(source)),
+        "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
+        "compute": compute,
+    }
+    run_config = fast_run_config(site.checkpoint)
+    run_config["ops"]["labeled_shards"]["config"]["checkpoint"] = checkpoint_url
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        result = dg.materialize(
+            PIPELINE,
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            run_config=run_config,
+            raise_on_error=False,
+        )
+    stderr = "\n".join(t["_stderr"][-2000:] for t in ecs.tasks.values())
+    assert result.success, stderr
+
+    # what Dagster received from the containers, through the S3 message channel
+    [download] = result.asset_materializations_for_node("downloaded_shards")
+    [labels] = result.asset_materializations_for_node("labeled_shards")
+    assert download.metadata["attempted"].value == ROWS
+    labeled = labels.metadata["images_labeled"].value
+    assert labeled == download.metadata["succeeded"].value > 0
+    assert labels.metadata["checkpoint"].value == checkpoint_url
+    assert labels.metadata["path"].value == f"s3://{s3_bucket}/coyo/labeled_shards/{PART}"
+    rows = pl.scan_parquet(f"s3://{s3_bucket}/coyo/labeled_shards/{PART}/*.parquet").collect()
+    assert rows.filter(pl.col("error").is_null()).height == labeled
+
+    # the two run_task requests: one task each, on the right capacity, small overrides
+    downloader, labeler = ecs.requests
+    assert downloader["taskDefinition"] == "coyo-downloader"
+    assert labeler["taskDefinition"] == "coyo-labeler"
+    assert downloader["capacityProviderStrategy"] == [{"capacityProvider": "coyo-cpu", "weight": 1}]
+    assert labeler["capacityProviderStrategy"] == [{"capacityProvider": "coyo-gpu", "weight": 1}]
+    [gpu_override] = labeler["overrides"]["containerOverrides"]
+    [cpu_override] = downloader["overrides"]["containerOverrides"]
+    assert gpu_override["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
+    assert "resourceRequirements" not in cpu_override
+    assert labeler["networkConfiguration"]["awsvpcConfiguration"]["subnets"] == [
+        "subnet-0a",
+        "subnet-0b",
+    ]
+    for request in ecs.requests:
+        assert request["count"] == 1
+        assert len(json.dumps(request["overrides"])) < ECS_OVERRIDES_LIMIT
+        env = {
+            e["name"]: e["value"]
+            for e in request["overrides"]["containerOverrides"][0]["environment"]
+        }
+        # the Pipes context and messages are S3 locations, not inline payloads
+        assert set(_decode(env["DAGSTER_PIPES_CONTEXT"])) == {"bucket", "key"}
+        assert _decode(env["DAGSTER_PIPES_MESSAGES"])["bucket"] == s3_bucket
+        assert any(t["key"] == "dagster/run-id" for t in request["tags"])
+    assert compute.pipes_client().forward_termination  # a terminated run stops its task
+    assert gpu_override["command"][:2] == [
+        "--shards",
+        f"s3://{s3_bucket}/coyo/downloaded_shards/{PART}",
+    ]
+
+
+def test_labeling_without_downloads_fails_inside_its_task_and_says_why(
+    site, source, s3_bucket, ecs
+):
+    compute = EcsCompute(
+        cluster="coyo-test",
+        subnets="subnet-0a",
+        pipes_bucket=s3_bucket,
+        downloader_task_definition="coyo-downloader",
+        labeler_task_definition="coyo-labeler",
+        cpu_capacity_provider="coyo-cpu",
+        gpu_capacity_provider="coyo-gpu",
+    )
+    resources = {
+        "source": SourceResource(location=str(source)),
+        "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
+        "compute": compute,
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        # labeling a partition that was never downloaded: the worker exits non-zero in its task
+        result = dg.materialize(
+            [PIPELINE[2]],
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            run_config={
+                "ops": {"labeled_shards": fast_run_config(site.checkpoint)["ops"]["labeled_shards"]}
+            },
+            raise_on_error=False,
+        )
+        [closed] = [
+            e for e in instance.all_logs(result.run_id) if "closed with exception" in e.user_message
+        ]
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "non-zero exit code" in failure.step_failure_data.error.to_string()
+    # the worker's own reason reached Dagster's log through the S3 message channel
+    error = closed.dagster_event.engine_event_data.error
+    assert error.cls_name == "FileNotFoundError"
+    assert "no shards (*.tar) under s3://" in error.message
+    [task] = ecs.tasks.values()
+    assert task["containers"][0]["exitCode"] != 0
+    assert "no shards (*.tar) under s3://" in task["_stderr"]
