@@ -7,8 +7,10 @@ import json
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 
 import dagster as dg
+from dagster_aws.pipes import PipesECSClient, PipesS3ContextInjector, PipesS3MessageReader
 
 from coyo_platform.core.sources import HUB_SOURCE
 from coyo_platform.core.storage import Storage
@@ -144,15 +146,17 @@ class EcsCompute(ComputeResource):
 
     def pipes_client(self):
         import boto3
-        from dagster_aws.pipes import PipesECSClient, PipesS3ContextInjector, PipesS3MessageReader
 
         s3 = boto3.client("s3", region_name=self.region)
+        prefix = self.pipes_prefix.strip("/")
         return PipesECSClient(
             client=boto3.client("ecs", region_name=self.region),
             context_injector=PipesS3ContextInjector(
-                bucket=self.pipes_bucket, client=s3, key_prefix=self.pipes_prefix
+                bucket=self.pipes_bucket, client=s3, key_prefix=f"{prefix}/"
             ),
-            message_reader=PipesS3MessageReader(bucket=self.pipes_bucket, client=s3, interval=5),
+            message_reader=PrefixedS3MessageReader(
+                prefix=prefix, bucket=self.pipes_bucket, client=s3, interval=5
+            ),
             forward_termination=True,
         )
 
@@ -173,3 +177,17 @@ class EcsCompute(ComputeResource):
         )
         run = self.pipes_client().run(context=context, run_task_params=params)
         return run.get_materialize_result()
+
+
+class PrefixedS3MessageReader(PipesS3MessageReader):
+    """Pipes messages under ``prefix/`` (dagster_aws 0.29 puts them at the bucket's root), so that
+    the stack's lifecycle rule on that prefix expires them."""
+
+    def __init__(self, *, prefix: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._prefix = prefix
+
+    @contextmanager
+    def get_params(self):
+        with super().get_params() as params:
+            yield {**params, "key_prefix": f"{self._prefix}/{params['key_prefix']}"}

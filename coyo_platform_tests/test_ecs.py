@@ -37,6 +37,14 @@ PART = "part-00000"
 ACCOUNT, REGION = "123456789012", "us-east-1"
 
 
+def _resolve(value):
+    """The template's values as CloudFormation would give them, for the pseudo parameters used."""
+    if value == {"Ref": "AWS::Region"}:
+        return REGION
+    assert isinstance(value, str), f"no stand-in for {value}"
+    return value
+
+
 class _Body:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -74,7 +82,7 @@ class LoopbackEcs:
             "image": "worker:latest",
             "entryPoint": container["EntryPoint"],
             "environment": [
-                {"name": e["Name"], "value": e["Value"]} for e in container["Environment"]
+                {"name": e["Name"], "value": _resolve(e["Value"])} for e in container["Environment"]
             ],
             "logConfiguration": {
                 "logDriver": "awslogs",
@@ -211,6 +219,8 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
         "subnet-0a",
         "subnet-0b",
     ]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert not [k for k in keys if not k.startswith(("coyo/", "dagster-pipes/", "weights/"))]
     for request in ecs.requests:
         assert request["count"] == 1
         assert len(json.dumps(request["overrides"])) < ECS_OVERRIDES_LIMIT
@@ -219,8 +229,14 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
             for e in request["overrides"]["containerOverrides"][0]["environment"]
         }
         # the Pipes context and messages are S3 locations, not inline payloads
-        assert set(_decode(env["DAGSTER_PIPES_CONTEXT"])) == {"bucket", "key"}
-        assert _decode(env["DAGSTER_PIPES_MESSAGES"])["bucket"] == s3_bucket
+        context, messages = (
+            _decode(env["DAGSTER_PIPES_CONTEXT"]),
+            _decode(env["DAGSTER_PIPES_MESSAGES"]),
+        )
+        assert set(context) == {"bucket", "key"} and messages["bucket"] == s3_bucket
+        # under the prefix the stack's lifecycle rule expires
+        assert context["key"].startswith("dagster-pipes/")
+        assert messages["key_prefix"].startswith("dagster-pipes/")
         assert any(t["key"] == "dagster/run-id" for t in request["tags"])
     assert compute.pipes_client().forward_termination  # a terminated run stops its task
     assert gpu_override["command"][:2] == [

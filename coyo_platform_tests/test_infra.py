@@ -101,6 +101,9 @@ def stack(s3_bucket, monkeypatch):
             {"ParameterKey": "SubnetIds", "ParameterValue": ",".join(subnets)},
             {"ParameterKey": "GpuAmiId", "ParameterValue": "/coyo-test/gpu-ami"},
             {"ParameterKey": "CpuAmiId", "ParameterValue": "/coyo-test/cpu-ami"},
+            {"ParameterKey": "ImageTag", "ParameterValue": "v1"},
+            {"ParameterKey": "UiAccessCidr", "ParameterValue": "10.8.0.0/16"},
+            {"ParameterKey": "DagsterServiceCount", "ParameterValue": "1"},
         ],
         Capabilities=["CAPABILITY_IAM"],
     )
@@ -126,7 +129,7 @@ def test_stack_deploys_and_the_aws_deployment_points_at_it(stack, monkeypatch):
     assert {"type": "GPU", "value": "1"} in container["resourceRequirements"]
     assert container["logConfiguration"]["logDriver"] == "awslogs"
     assert container["entryPoint"] == ["python", "-m", "coyo_platform.worker"]
-    assert container["image"].endswith(outputs["WorkerRepository"].split("/", 1)[1] + ":latest")
+    assert container["image"].endswith(outputs["WorkerRepository"].split("/", 1)[1] + ":v1")
 
     # the Dagster service's environment is what definitions.aws_resources() reads
     dagster_task = ecs.describe_task_definition(taskDefinition=outputs["DagsterTaskDefinition"])
@@ -183,6 +186,7 @@ def test_dagster_yaml_is_valid_instance_config(tmp_path, monkeypatch):
 
     (tmp_path / "dagster.yaml").write_text((REPO / "infra" / "dagster.yaml").read_text())
     for name in (
+        "COYO_PIPES_BUCKET",
         "DAGSTER_PG_HOST",
         "DAGSTER_PG_DB",
         "DAGSTER_PG_USERNAME",
@@ -192,6 +196,19 @@ def test_dagster_yaml_is_valid_instance_config(tmp_path, monkeypatch):
         monkeypatch.setenv(name, "x")
     config, _ = dagster_instance_config(str(tmp_path))
     assert config["run_launcher"]["class"] == "EcsRunLauncher"
+    # the pluggable parts' own config schemas accept their sections
+    import importlib
+
+    from dagster._config import process_config
+
+    for section in ("run_launcher", "compute_logs"):
+        cls = getattr(importlib.import_module(config[section]["module"]), config[section]["class"])
+        checked = process_config(cls.config_type(), config[section]["config"])
+        assert checked.success, (section, checked.errors)
+    from dagster_postgres import DagsterPostgresStorage  # installed with the orchestrator extra
+
+    checked = process_config(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
+    assert checked.success, checked.errors
     assert "postgres_db" in config["storage"]["postgres"]
     assert config["run_retries"]["enabled"] and config["run_monitoring"]["enabled"]
     assert config["concurrency"]["pools"]["default_limit"] >= 1
