@@ -67,6 +67,8 @@ class LoopbackEcs:
             self.definitions[family] = container
         self.requests: list[dict] = []
         self.tasks: dict[str, dict] = {}
+        self.stopped: list[dict] = []
+        self.interrupt_while_running = False  # as if the Dagster run were terminated meanwhile
         self.model = botocore.session.get_session().get_service_model("ecs")
 
     def __call__(self, request, **_) -> AWSResponse:
@@ -115,9 +117,10 @@ class LoopbackEcs:
         for entry in definition["environment"] + override.get("environment", []):
             env[entry["name"]] = entry["value"]
         entry_point = [sys.executable if w == "python" else w for w in definition["entryPoint"]]
-        done = subprocess.run(
-            [*entry_point, *override["command"]], env=env, capture_output=True, text=True
-        )
+        command = [*entry_point, *override["command"]]
+        if self.interrupt_while_running:
+            command = [sys.executable, "-c", "pass"]  # the task is 'running' when Dagster stops
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
         cluster = params["cluster"]
         arn = f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/{cluster}/{uuid.uuid4().hex}"
         self.tasks[arn] = {
@@ -139,12 +142,17 @@ class LoopbackEcs:
         return {"tasks": [started], "failures": []}
 
     def DescribeTasks(self, params: dict) -> dict:  # noqa: N802
+        if self.interrupt_while_running:
+            from dagster._core.errors import DagsterExecutionInterruptedError
+
+            raise DagsterExecutionInterruptedError()
         tasks = [
             {k: v for k, v in self.tasks[t].items() if k != "_stderr"} for t in params["tasks"]
         ]
         return {"tasks": tasks, "failures": []}
 
     def StopTask(self, params: dict) -> dict:  # noqa: N802
+        self.stopped.append(params)
         return {"task": self.DescribeTasks({"tasks": [params["task"]]})["tasks"][0]}
 
 
@@ -288,3 +296,37 @@ def test_labeling_without_downloads_fails_inside_its_task_and_says_why(
     [task] = ecs.tasks.values()
     assert task["containers"][0]["exitCode"] != 0
     assert "no shards (*.tar) under s3://" in task["_stderr"]
+
+
+def test_terminating_the_run_stops_its_ecs_task(site, source, s3_bucket, ecs):
+    """While the labeler task runs, the Dagster run is interrupted (terminated from the UI):
+    the ECS task is stopped, on its cluster, with a reason."""
+    compute = EcsCompute(
+        cluster="coyo-test",
+        subnets="subnet-0a",
+        pipes_bucket=s3_bucket,
+        downloader_task_definition="coyo-downloader",
+        labeler_task_definition="coyo-labeler",
+        cpu_capacity_provider="coyo-cpu",
+        gpu_capacity_provider="coyo-gpu",
+    )
+    resources = {
+        "source": SourceResource(location=str(source)),
+        "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
+        "compute": compute,
+    }
+    ecs.interrupt_while_running = True
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        result = dg.materialize(
+            [PIPELINE[2]],
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+    assert not result.success
+    [task] = ecs.tasks
+    assert ecs.stopped == [
+        {"cluster": "coyo-test", "task": task, "reason": "Dagster process was interrupted"}
+    ]
