@@ -14,6 +14,12 @@ from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core.sources import HUB_SOURCE
 from coyo_platform.resources import EcsCompute, LocalCompute, SourceResource, StorageResource
+from coyo_platform.sensors import (
+    coyo_ingest,
+    coyo_label,
+    coyo_parts_sensor,
+    unlabeled_shards_sensor,
+)
 
 #: The partitioned assets, in the order a partition flows through them.
 PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, coyo_labeled_300m]
@@ -67,6 +73,7 @@ def resources_for(env: str | None = None) -> dict:
 
 defs = dg.Definitions(
     assets=[*PIPELINE, label_stats_rollup],
-    jobs=[coyo_pipeline],
+    jobs=[coyo_pipeline, coyo_ingest, coyo_label],
+    sensors=[coyo_parts_sensor, unlabeled_shards_sensor],
     resources=resources_for(),
 )

@@ -1,7 +1,7 @@
 import dagster as dg
 import polars as pl
 
-from coyo_platform.assets import GROUP
+from coyo_platform.assets import GROUP, REFRESH
 from coyo_platform.assets.label_stats import label_stats
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core.schema import CARD_SCHEMA
@@ -19,6 +19,7 @@ class SubsetConfig(dg.Config):
 @dg.asset(
     partitions_def=coyo_parts,
     deps=[labeled_shards, label_stats],
+    automation_condition=REFRESH,
     group_name=GROUP,
     kinds={"parquet"},
 )

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP
+from coyo_platform.assets import GROUP, REFRESH
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core import stats
 from coyo_platform.core.labelspace import class_names
@@ -22,7 +22,13 @@ def _metadata(agg: dict, url: str) -> dict:
     }
 
 
-@dg.asset(partitions_def=coyo_parts, deps=[labeled_shards], group_name=GROUP, kinds={"polars"})
+@dg.asset(
+    partitions_def=coyo_parts,
+    deps=[labeled_shards],
+    group_name=GROUP,
+    kinds={"polars"},
+    automation_condition=REFRESH,
+)
 def label_stats(
     context: dg.AssetExecutionContext, storage: StorageResource
 ) -> dg.MaterializeResult:
@@ -42,7 +48,7 @@ def rollup(store: Storage) -> tuple[dict, list[str]]:
     return stats.merge_aggregates(store.read_json(f) for f in files), files
 
 
-@dg.asset(deps=[label_stats], group_name=GROUP, kinds={"polars"})
+@dg.asset(deps=[label_stats], group_name=GROUP, kinds={"polars"}, automation_condition=REFRESH)
 def label_stats_rollup(storage: StorageResource) -> dg.MaterializeResult:
     """label_stats over all partitions, summed from the per-partition aggregates."""
     store = storage.store()

@@ -1,0 +1,45 @@
+"""What is left to do, read from storage alone: which partitions have downloaded shards, and which
+finished shards have no labels yet. The sensors ask this; so can a person, without Dagster.
+
+A shard is *finished* when img2dataset has written its ``NNNNN_stats.json``: it writes that after
+the shard's tar and parquet, and its own incremental mode uses the same test. So shards that an
+img2dataset run outside Dagster (a Spark cluster, say) is still writing are never picked up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from coyo_platform.core.storage import DOWNLOADS, LABELS, Storage
+
+_KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def finished_shards(storage: Storage, key: str) -> list[str]:
+    """Names (``00000``) of the partition's shards that img2dataset finished."""
+    stats = storage.glob(storage.url(DOWNLOADS, key, "*_stats.json"))
+    return sorted(os.path.basename(p).removesuffix("_stats.json") for p in stats)
+
+
+def labeled_shards(storage: Storage, key: str) -> set[str]:
+    return {
+        os.path.basename(p).removesuffix(".parquet")
+        for p in storage.glob(storage.url(LABELS, key, "*.parquet"))
+    }
+
+
+def unlabeled_shards(storage: Storage, key: str) -> list[str]:
+    """Finished shards of the partition without their labels."""
+    done = labeled_shards(storage, key)
+    return [s for s in finished_shards(storage, key) if s not in done]
+
+
+def downloaded_partitions(storage: Storage) -> list[str]:
+    """Partition keys that have a shard folder under the storage root (written by this platform
+    or by img2dataset run elsewhere into the same layout)."""
+    root = storage.url(DOWNLOADS)
+    if not storage.exists(root):
+        return []
+    names = {os.path.basename(p.rstrip("/")) for p in storage.fs.ls(root, detail=False)}
+    return sorted(n for n in names if _KEY.match(n) and storage.fs.isdir(storage.url(DOWNLOADS, n)))

@@ -1,0 +1,210 @@
+"""The sensors, tick by tick, against a real Dagster instance and a real storage folder, named as
+the situations a user meets; and one daemon-free run of the whole incremental path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from coyo_platform.assets.label_stats import label_stats_rollup
+from coyo_platform.definitions import PIPELINE, local_resources
+from coyo_platform.resources import SourceResource, StorageResource
+from coyo_platform.sensors import (
+    coyo_ingest,
+    coyo_label,
+    coyo_parts_sensor,
+    unlabeled_shards_sensor,
+)
+from coyo_platform_tests.conftest import fast_run_config, write_tar
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+def _tick(sensor, instance, cursor=None, **resources):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    return sensor(context), context
+
+
+def _shard(root: Path, part: str, name: str, photo: bytes, finished: bool = True) -> None:
+    """A shard as img2dataset writes it (here, as a run outside Dagster would leave it)."""
+    folder = root / "downloaded_shards" / part
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tar(folder / f"{name}.tar", [(f"{name}0000", photo, {"id": int(name) * 10})])
+    if finished:
+        (folder / f"{name}_stats.json").write_text(json.dumps({"count": 1, "successes": 1}))
+
+
+def _labels(root: Path, part: str, name: str) -> None:
+    folder = root / "labeled_shards" / part
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"id": [int(name) * 10]}).write_parquet(folder / f"{name}.parquet")
+
+
+@pytest.fixture
+def photo(site) -> bytes:
+    return next(iter(sorted(site.images.glob("*.jpg")))).read_bytes()
+
+
+# ---------------------------------------------------------------- coyo_parts_sensor
+
+
+def test_parts_nothing_new(source: Path, instance):
+    source_resource = SourceResource(location=str(source))
+    first, context = _tick(coyo_parts_sensor, instance, source=source_resource)
+    instance.add_dynamic_partitions("coyo_parts", ["part-00000", "part-00001"])
+    again, _ = _tick(coyo_parts_sensor, instance, context.cursor, source=source_resource)
+    assert isinstance(again, dg.SkipReason)
+    assert "no new parts" in again.skip_message
+
+
+def test_parts_one_new_part(source: Path, instance):
+    instance.add_dynamic_partitions("coyo_parts", ["part-00000"])  # registered earlier, by hand
+    result, _ = _tick(coyo_parts_sensor, instance, source=SourceResource(location=str(source)))
+    assert [r.partition_key for r in result.run_requests] == ["part-00001"]
+    assert result.run_requests[0].run_key == "ingest:part-00001"
+    [add] = result.dynamic_partitions_requests
+    assert (add.partitions_def_name, list(add.partition_keys)) == ("coyo_parts", ["part-00001"])
+    assert json.loads(result.cursor) == ["part-00000", "part-00001"]
+
+
+def test_parts_repeat_tick_requests_nothing_twice(source: Path, instance):
+    source_resource = SourceResource(location=str(source))
+    first, _ = _tick(coyo_parts_sensor, instance, source=source_resource)
+    assert len(first.run_requests) == 2
+    # the partitions were not added (say, someone deleted them): the cursor still remembers
+    again, _ = _tick(coyo_parts_sensor, instance, first.cursor, source=source_resource)
+    assert isinstance(again, dg.SkipReason)
+
+
+# ---------------------------------------------------------------- unlabeled_shards_sensor
+
+
+def test_labels_nothing_new(tmp_path: Path, instance, photo):
+    _shard(tmp_path, "part-00000", "00000", photo)
+    _labels(tmp_path, "part-00000", "00000")
+    result, _ = _tick(
+        unlabeled_shards_sensor, instance, storage=StorageResource(root=str(tmp_path))
+    )
+    assert isinstance(result, dg.SkipReason)
+    assert "every finished shard" in result.skip_message
+
+
+def test_labels_new_shards_in_a_labeled_partition(tmp_path: Path, instance, photo):
+    instance.add_dynamic_partitions("coyo_parts", ["part-00000"])
+    _shard(tmp_path, "part-00000", "00000", photo)
+    _labels(tmp_path, "part-00000", "00000")
+    _shard(tmp_path, "part-00000", "00001", photo)
+    _shard(tmp_path, "part-00000", "00002", photo, finished=False)  # still being written
+    storage = StorageResource(root=str(tmp_path))
+    result, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    [request] = result.run_requests
+    assert request.partition_key == "part-00000"
+    assert request.tags["coyo/unlabeled_shards"] == "1"  # 00001 only: 00002 is not finished
+    assert result.dynamic_partitions_requests == []
+
+    # the unfinished shard finishes: a new set of missing shards, a new run key
+    (tmp_path / "downloaded_shards" / "part-00000" / "00002_stats.json").write_text("{}")
+    later, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    assert later.run_requests[0].run_key != request.run_key
+    assert later.run_requests[0].tags["coyo/unlabeled_shards"] == "2"
+
+
+def test_labels_shards_dropped_by_an_outside_run(tmp_path: Path, instance, photo):
+    """img2dataset on another cluster wrote a partition the instance never heard of."""
+    _shard(tmp_path, "part-00042", "00000", photo)
+    result, _ = _tick(
+        unlabeled_shards_sensor, instance, storage=StorageResource(root=str(tmp_path))
+    )
+    assert [r.partition_key for r in result.run_requests] == ["part-00042"]
+    [add] = result.dynamic_partitions_requests
+    assert list(add.partition_keys) == ["part-00042"]
+
+
+def test_labels_repeat_tick_is_a_no_op(tmp_path: Path, instance, photo):
+    instance.add_dynamic_partitions("coyo_parts", ["part-00000"])
+    _shard(tmp_path, "part-00000", "00000", photo)
+    storage = StorageResource(root=str(tmp_path))
+    first, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    again, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    # the same run key: Dagster launches at most one run per key
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
+
+    # and while that partition has a run in progress, the sensor waits
+    instance.add_run(
+        dg.DagsterRun(
+            job_name="coyo_label",
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": "part-00000"},
+        )
+    )
+    waiting, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    assert isinstance(waiting, dg.SkipReason)
+    assert "waiting on runs in progress: part-00000" in waiting.skip_message
+
+
+# ---------------------------------------------------------------- daemon-free, end to end
+
+
+def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_path: Path):
+    """parts sensor tick -> ingest run -> label sensor tick -> label run -> labels present ->
+    automation requests label stats and the subset for that partition, nothing upstream."""
+    root = tmp_path / "data"
+    defs = dg.Definitions(
+        assets=[*PIPELINE, label_stats_rollup],
+        jobs=[coyo_ingest, coyo_label],
+        sensors=[coyo_parts_sensor, unlabeled_shards_sensor],
+        resources=local_resources(source=str(source), data_root=str(root)),
+    )
+    config = fast_run_config(site.checkpoint)
+    resources = local_resources(source=str(source), data_root=str(root))
+    with dg.instance_for_test() as instance:
+        tick, _ = _tick(coyo_parts_sensor, instance, source=resources["source"])
+        request = tick.run_requests[0]
+        instance.add_dynamic_partitions(
+            "coyo_parts", list(tick.dynamic_partitions_requests[0].partition_keys)
+        )
+        ingest = defs.resolve_job_def("coyo_ingest").execute_in_process(
+            partition_key=request.partition_key,
+            instance=instance,
+            run_config={"ops": {"downloaded_shards": config["ops"]["downloaded_shards"]}},
+            tags=request.tags,
+        )
+        assert ingest.success
+
+        baseline = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert baseline.total_requested == 0  # nothing labeled yet: stats and subset wait
+
+        tick, _ = _tick(unlabeled_shards_sensor, instance, storage=resources["storage"])
+        [label_request] = tick.run_requests
+        assert label_request.partition_key == request.partition_key
+        labeled = defs.resolve_job_def("coyo_label").execute_in_process(
+            partition_key=label_request.partition_key,
+            instance=instance,
+            run_config={"ops": {"labeled_shards": config["ops"]["labeled_shards"]}},
+            tags=label_request.tags,
+        )
+        assert labeled.success
+        part = label_request.partition_key
+        assert list((root / "labeled_shards" / part).glob("*.parquet"))
+        after, _ = _tick(unlabeled_shards_sensor, instance, storage=resources["storage"])
+        assert isinstance(after, dg.SkipReason)
+
+        automation = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=baseline.cursor
+        )
+        requested = {
+            key.to_user_string(): automation.get_requested_partitions(key)
+            for key in (dg.AssetKey("label_stats"), dg.AssetKey("coyo_labeled_300m"))
+        }
+        assert requested["label_stats"] == {part}
+        # the subset waits for its stats (in progress in the same evaluation); nothing upstream
+        for upstream in ("coyo700m_metadata", "downloaded_shards", "labeled_shards"):
+            assert automation.get_num_requested(dg.AssetKey(upstream)) == 0
