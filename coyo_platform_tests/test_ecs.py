@@ -253,9 +253,7 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
     ]
 
 
-def test_labeling_without_downloads_fails_inside_its_task_and_says_why(
-    site, source, s3_bucket, ecs
-):
+def _ecs_resources(source, s3_bucket) -> dict:
     compute = EcsCompute(
         cluster="coyo-test",
         subnets="subnet-0a",
@@ -265,37 +263,63 @@ def test_labeling_without_downloads_fails_inside_its_task_and_says_why(
         cpu_capacity_provider="coyo-cpu",
         gpu_capacity_provider="coyo-gpu",
     )
-    resources = {
+    return {
         "source": SourceResource(location=str(source)),
         "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
         "compute": compute,
     }
+
+
+def _label_run(site, instance, resources):
+    return dg.materialize(
+        [PIPELINE[2]],
+        partition_key=PART,
+        instance=instance,
+        resources=resources,
+        run_config={
+            "ops": {"labeled_shards": fast_run_config(site.checkpoint)["ops"]["labeled_shards"]}
+        },
+        raise_on_error=False,
+    )
+
+
+def test_a_failing_task_is_retried_then_fails_the_asset_saying_why(site, source, s3_bucket, ecs):
+    """The partition's only shard is an empty tar: the worker exits non-zero in its task, the
+    step is retried twice with backoff (as for a reclaimed spot instance), then fails; the
+    worker's own reason reaches Dagster's log through the S3 message channel."""
+    boto3.client("s3").put_object(
+        Bucket=s3_bucket, Key=f"coyo/downloaded_shards/{PART}/00000.tar", Body=b""
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("coyo_parts", [PART])
-        # labeling a partition that was never downloaded: the worker exits non-zero in its task
-        result = dg.materialize(
-            [PIPELINE[2]],
-            partition_key=PART,
-            instance=instance,
-            resources=resources,
-            run_config={
-                "ops": {"labeled_shards": fast_run_config(site.checkpoint)["ops"]["labeled_shards"]}
-            },
-            raise_on_error=False,
-        )
-        [closed] = [
+        result = _label_run(site, instance, _ecs_resources(source, s3_bucket))
+        closed = [
             e for e in instance.all_logs(result.run_id) if "closed with exception" in e.user_message
         ]
     assert not result.success
+    assert len(ecs.tasks) == 3, "one task, then two retries"
+    assert sum(e.is_step_up_for_retry for e in result.all_events) == 2
     [failure] = [e for e in result.all_events if e.is_step_failure]
     assert "non-zero exit code" in failure.step_failure_data.error.to_string()
-    # the worker's own reason reached Dagster's log through the S3 message channel
-    error = closed.dagster_event.engine_event_data.error
-    assert error.cls_name == "FileNotFoundError"
-    assert "no shards (*.tar) under s3://" in error.message
-    [task] = ecs.tasks.values()
-    assert task["containers"][0]["exitCode"] != 0
-    assert "no shards (*.tar) under s3://" in task["_stderr"]
+    assert len(closed) == 3
+    error = closed[-1].dagster_event.engine_event_data.error
+    assert "1 shard(s) could not be read" in error.message and "00000.tar" in error.message
+    for task in ecs.tasks.values():
+        assert task["containers"][0]["exitCode"] == 1
+
+
+def test_labeling_a_partition_never_downloaded_fails_at_once_without_a_task(
+    site, source, s3_bucket, ecs
+):
+    """Bad input is not retried and launches nothing."""
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        result = _label_run(site, instance, _ecs_resources(source, s3_bucket))
+    assert not result.success
+    assert ecs.tasks == {}
+    assert not any(e.is_step_up_for_retry for e in result.all_events)
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "no downloaded shards in s3://" in failure.step_failure_data.error.to_string()
 
 
 def test_terminating_the_run_stops_its_ecs_task(site, source, s3_bucket, ecs):

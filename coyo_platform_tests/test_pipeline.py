@@ -14,7 +14,7 @@ from coyo_platform.assets.label_stats import label_stats_rollup
 from coyo_platform.core.labelspace import NUM_CLASSES
 from coyo_platform.core.schema import CARD_SCHEMA
 from coyo_platform.core.subset import DEFAULT_THRESHOLD
-from coyo_platform.definitions import PIPELINE, local_resources
+from coyo_platform.definitions import CHECKS, PIPELINE, local_resources
 from coyo_platform_tests.conftest import ROWS, SHARD_SIZE, expected_outcomes, fast_run_config
 
 PART = "part-00000"
@@ -44,7 +44,7 @@ def pipeline_run(site, source: Path, tmp_path: Path):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("coyo_parts", [PART])
         result = dg.materialize(
-            PIPELINE,
+            [*PIPELINE, *CHECKS],
             partition_key=PART,
             instance=instance,
             resources=resources,
@@ -121,6 +121,14 @@ def test_one_partition_end_to_end(pipeline_run, site, source: Path):
     for t in ("0.05", "0.10", "0.15", "0.20", "0.25"):
         assert f"| {t} |" in table_md
     assert "top-1 images" in stats["top1_classes"]
+
+    # the checks a user looks at first all pass, with their figures
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert {name: e.passed for name, e in checks.items()} == {
+        "download_success_rate": True, "label_coverage": True, "card_schema": True
+    }  # fmt: skip
+    coverage = {k: v.value for k, v in checks["label_coverage"].metadata.items()}
+    assert coverage["downloaded_images"] == coverage["label_rows"] == photos
 
 
 def test_rerun_resumes_and_rollup_sums_partitions(pipeline_run, site):

@@ -4,7 +4,14 @@ labeled_shards -> label_stats -> coyo_labeled_300m. Each is a thin wrapper: the 
 
 GROUP = "coyo_labeled_300m"
 
+import warnings  # noqa: E402
+
 import dagster as dg  # noqa: E402
+
+# Partitioned asset checks and backfill policies are marked beta/preview in Dagster 1.13; the
+# platform relies on both, knowingly, and users need not see the notice at every load.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`")
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
 
 #: How label stats, their roll-up and the subset keep up with new labels: declarative automation,
 #: ``eager``: after an upstream partition is materialized (a labeling run started by the sensor,
@@ -12,4 +19,11 @@ import dagster as dg  # noqa: E402
 #: none is in progress; nothing upstream is ever re-run. Chosen over a sensor because it reads
 #: Dagster's own materialization records (no storage listing) and shows its reasons per partition
 #: in the UI. Needs the default automation condition sensor (on in `dagster dev`'s daemon).
-REFRESH = dg.AutomationCondition.eager()
+REFRESH = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
+#: Steps that run a program (network, S3, a GPU instance that can be reclaimed) are retried twice,
+#: 10 s then about 20 s later; bad input raises ``dg.Failure(allow_retries=False)`` instead and is
+#: never retried.
+TRANSIENT_RETRIES = dg.RetryPolicy(
+    max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)

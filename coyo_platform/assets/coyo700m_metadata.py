@@ -2,6 +2,7 @@ import dagster as dg
 
 from coyo_platform.assets import GROUP
 from coyo_platform.core.metadata import copy_part
+from coyo_platform.core.schema import BadPartError
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
 
@@ -19,7 +20,12 @@ def coyo700m_metadata(
     storage: StorageResource,
 ) -> dg.MaterializeResult:
     """COYO-700M rows of one source part, checked against the 17-column schema, in storage."""
-    part = copy_part(source.location, context.partition_key, storage.store(), limit=config.limit)
+    try:
+        part = copy_part(
+            source.location, context.partition_key, storage.store(), limit=config.limit
+        )
+    except (BadPartError, FileNotFoundError, ValueError) as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     return dg.MaterializeResult(
         metadata={
             "rows": part.rows,

@@ -56,3 +56,24 @@ def _markdown(frame: pl.DataFrame) -> str:
     head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join([head, *rows])
+
+
+@dg.asset_check(asset=coyo_labeled_300m, partitions_def=coyo_parts, blocking=True)
+def card_schema(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """The written subset has exactly the card's columns, types and order, and unique ids."""
+    store = storage.store()
+    frame = store.scan_parquet(store.url(SUBSET, f"{context.partition_key}.parquet"))
+    schema = frame.collect_schema()
+    expected = pl.Schema(pl.from_arrow(CARD_SCHEMA.empty_table()).schema)
+    rows, unique = frame.select(pl.len(), pl.col("id").n_unique()).collect().row(0)
+    return dg.AssetCheckResult(
+        passed=schema == expected and rows == unique,
+        metadata={
+            "columns": ", ".join(f"{k} {v}" for k, v in schema.items()),
+            "matches_card": schema == expected,
+            "rows": rows,
+            "duplicate_ids": rows - unique,
+        },
+    )

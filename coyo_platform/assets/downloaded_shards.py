@@ -1,7 +1,8 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP
+from coyo_platform.assets import GROUP, TRANSIENT_RETRIES
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
+from coyo_platform.core.progress import download_counts
 from coyo_platform.core.storage import DOWNLOADS, METADATA
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import ComputeResource, StorageResource, program_args
@@ -21,7 +22,12 @@ class DownloadConfig(dg.Config):
 
 
 @dg.asset(
-    partitions_def=coyo_parts, deps=[coyo700m_metadata], group_name=GROUP, kinds={"webdataset"}
+    partitions_def=coyo_parts,
+    deps=[coyo700m_metadata],
+    group_name=GROUP,
+    kinds={"webdataset"},
+    retry_policy=TRANSIENT_RETRIES,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
 )
 def downloaded_shards(
     context: dg.AssetExecutionContext,
@@ -39,4 +45,28 @@ def downloaded_shards(
     ]
     return compute.run_program(
         context, "coyo_platform.downloader", args + program_args(config), env=store.env()
+    )
+
+
+#: Below this share of URLs downloaded, suspect the network (DNS, a blocked egress) rather than link
+#: rot: Kakao found about 85% of COYO-700M's URLs alive in August 2022.
+MIN_SUCCESS_RATE = 0.5
+
+
+@dg.asset_check(asset=downloaded_shards, partitions_def=coyo_parts, blocking=False)
+def download_success_rate(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """Share of the part's URLs that became images (warns below 50%)."""
+    attempted, succeeded = download_counts(storage.store(), context.partition_key)
+    rate = succeeded / attempted if attempted else 0.0
+    return dg.AssetCheckResult(
+        passed=attempted > 0 and rate >= MIN_SUCCESS_RATE,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "attempted": attempted,
+            "succeeded": succeeded,
+            "success_rate": round(rate, 4),
+            "minimum": MIN_SUCCESS_RATE,
+        },
     )

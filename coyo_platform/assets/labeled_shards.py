@@ -1,7 +1,8 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP
+from coyo_platform.assets import GROUP, TRANSIENT_RETRIES
 from coyo_platform.assets.downloaded_shards import downloaded_shards
+from coyo_platform.core.progress import label_coverage as coverage
 from coyo_platform.core.storage import DOWNLOADS, LABELS
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import ComputeResource, StorageResource, program_args
@@ -36,7 +37,11 @@ class LabelConfig(dg.Config):
     deps=[downloaded_shards],
     group_name=GROUP,
     kinds={"pytorch"},
-    pool="gpu",  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
+    pool="gpu",
+    retry_policy=TRANSIENT_RETRIES,
+    backfill_policy=dg.BackfillPolicy.multi_run(
+        max_partitions_per_run=1
+    ),  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
 )
 def labeled_shards(
     context: dg.AssetExecutionContext,
@@ -46,7 +51,31 @@ def labeled_shards(
 ) -> dg.MaterializeResult:
     """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image."""
     store, key = storage.store(), context.partition_key
+    if not store.glob(store.url(DOWNLOADS, key, "*.tar")):
+        raise dg.Failure(
+            description=f"no downloaded shards in {store.url(DOWNLOADS, key)}: download first",
+            allow_retries=False,
+        )
     args = ["--shards", store.url(DOWNLOADS, key), "--output", store.url(LABELS, key)]
     return compute.run_program(
         context, "coyo_platform.worker", args + program_args(config), env=store.env()
+    )
+
+
+@dg.asset_check(asset=labeled_shards, partitions_def=coyo_parts, blocking=True)
+def label_coverage(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dg.AssetCheckResult:
+    """Every downloaded image has its label row (or its failure), every finished shard its
+    labels. Blocking: label stats and the subset are not built on incomplete labels."""
+    found = coverage(storage.store(), context.partition_key)
+    missing = found["unlabeled_shards"]
+    return dg.AssetCheckResult(
+        passed=not missing and found["label_rows"] == found["downloaded_images"],
+        metadata={
+            "downloaded_images": found["downloaded_images"],
+            "label_rows": found["label_rows"],
+            "unlabeled_shards": len(missing),
+            "first_unlabeled": ", ".join(missing[:10]) or "none",
+        },
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+import polars as pl
+
 from coyo_platform.core.storage import DOWNLOADS, LABELS, Storage
 
 _KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -43,3 +45,29 @@ def downloaded_partitions(storage: Storage) -> list[str]:
         return []
     names = {os.path.basename(p.rstrip("/")) for p in storage.fs.ls(root, detail=False)}
     return sorted(n for n in names if _KEY.match(n) and storage.fs.isdir(storage.url(DOWNLOADS, n)))
+
+
+def download_counts(storage: Storage, key: str) -> tuple[int, int]:
+    """(attempted, succeeded) over the partition's finished shards, from img2dataset's own
+    per-shard parquet (one row per input URL with its ``status``)."""
+    files = [storage.url(DOWNLOADS, key, f"{s}.parquet") for s in finished_shards(storage, key)]
+    if not files:
+        return 0, 0
+    counts = storage.scan_parquet(files).select(
+        pl.len().alias("attempted"), (pl.col("status") == "success").sum().alias("succeeded")
+    )
+    row = counts.collect().row(0)
+    return int(row[0]), int(row[1])
+
+
+def label_coverage(storage: Storage, key: str) -> dict:
+    """Downloaded images against label rows (labeled, or recorded as failed with a reason):
+    equal, with every finished shard labeled, when nothing was lost."""
+    _, downloaded = download_counts(storage, key)
+    files = storage.glob(storage.url(LABELS, key, "*.parquet"))
+    rows = storage.scan_parquet(files).select(pl.len()).collect().item() if files else 0
+    return {
+        "downloaded_images": downloaded,
+        "label_rows": int(rows),
+        "unlabeled_shards": unlabeled_shards(storage, key),
+    }
