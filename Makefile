@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui lint clean bench bench-gpu
+.PHONY: demo test ui lint clean bench bench-gpu chromium
 
 $(BIN)/coyo-platform: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ $(TOOLS)/bin/checkov:
 demo: $(BIN)/coyo-platform
 	$(BIN)/coyo-platform demo
 
-test: $(BIN)/coyo-platform $(TOOLS)/bin/checkov
+# Debian's chromium, for the UI test (a real browser on the Dagster webserver).
+chromium:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } \
+	  || { sudo apt-get update -q && sudo apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(BIN)/coyo-platform $(TOOLS)/bin/checkov chromium
 	$(BIN)/python -m pytest
 
 ui: $(BIN)/coyo-platform

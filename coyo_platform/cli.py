@@ -38,7 +38,7 @@ def _prepare_instance() -> Any:
     os.environ["DAGSTER_HOME"] = str(home)
     config = home / "dagster.yaml"
     if not config.exists():  # SQLite storage is the default; no telemetry from an offline box
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     import dagster as dg
 
     return dg.DagsterInstance.get()
@@ -47,13 +47,16 @@ def _prepare_instance() -> Any:
 def _materialize(asset, instance, resources, part: str | None, config: dict, log_level: str) -> str:
     import dagster as dg
 
+    from coyo_platform.definitions import CHECKS
+
     name = asset.key.to_user_string()
+    checks = [c for c in CHECKS if asset.key in {spec.asset_key for spec in c.check_specs}]
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if config:
         run_config["ops"] = {name: {"config": config}}
     start = time.monotonic()
     result = dg.materialize(
-        [asset],
+        [asset, *checks],
         partition_key=part,
         instance=instance,
         resources=resources,
@@ -70,6 +73,12 @@ def _materialize(asset, instance, resources, part: str | None, config: dict, log
             cause = cause.cause
         raise SystemExit(
             f"[{part or 'all'}] {name} FAILED after {took:.1f}s (run {result.run_id}):\n{message}"
+        )
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    for check in failed:
+        figures = ", ".join(f"{k}={v.value}" for k, v in check.metadata.items())
+        print(
+            f"[{part or 'all'}] check {check.check_name} FAILED ({check.severity.value}): {figures}"
         )
     metadata = result.asset_materializations_for_node(name)[-1].metadata
     shown = ", ".join(

@@ -4,6 +4,7 @@ the same outputs as on a local folder."""
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -20,7 +21,7 @@ from coyo_platform_tests.conftest import ROWS, fast_run_config
 PART = "part-00000"
 
 
-def _run(site, source: Path, resources: dict) -> None:
+def _run(site, source: Path, resources: dict) -> dg.ExecuteInProcessResult:
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("coyo_parts", [PART])
         result = dg.materialize(
@@ -32,6 +33,7 @@ def _run(site, source: Path, resources: dict) -> None:
         )
         assert result.success
         assert dg.materialize([label_stats_rollup], instance=instance, resources=resources).success
+        return result
 
 
 def _outputs(store: Storage) -> dict:
@@ -68,7 +70,7 @@ def test_pipeline_on_s3_matches_the_folder_run(
     if endpoint == "endpoint_url setting":
         monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the resource knows where S3 is
         resources["storage"] = StorageResource(root=root, endpoint_url=s3_endpoint)
-    _run(site, source, resources)
+    result = _run(site, source, resources)
 
     on_s3 = _outputs(resources["storage"].store())
     for name in ("subset", "labels"):
@@ -85,3 +87,9 @@ def test_pipeline_on_s3_matches_the_folder_run(
     assert any(k.startswith(f"coyo/labeled_shards/{PART}/") for k in keys)
     assert not any(".tmp-" in k for k in keys)
     assert not Path("s3:").exists(), "something wrote an s3:// URL as a local path"
+
+    # on S3 the stats chart shows inline in the UI: a presigned address that serves the PNG
+    [stats] = result.asset_materializations_for_node("label_stats")
+    link = stats.metadata["chart_image"].value.split("](", 1)[1].rstrip(")")
+    assert link.startswith(s3_endpoint) or link.startswith("https://")
+    assert urllib.request.urlopen(link).read()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,13 +2,28 @@ import dagster as dg
 
 from coyo_platform.assets import GROUP, REFRESH
 from coyo_platform.assets.labeled_shards import labeled_shards
-from coyo_platform.core import stats
+from coyo_platform.core import charts, stats
 from coyo_platform.core.labelspace import class_names
 from coyo_platform.core.storage import LABELS, STATS, Storage, label_files
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import StorageResource
 
 ROLLUP_FILE = "_all_partitions.json"
+
+
+def _chart(store: Storage, agg: dict, url: str) -> dict:
+    """The chart as a PNG beside the stats JSON. The Dagster UI's markdown drops ``data:`` images,
+    so it shows the chart inline only from an http(s) address: on S3, a presigned URL (7 days)."""
+    names = class_names()
+    top = sorted(agg["top1_counts"].items(), key=lambda kv: (-kv[1], int(kv[0])))[:10]
+    png = charts.stats_chart(agg["top1_histogram"], [(names[int(c)], n) for c, n in top])
+    png_url = url.removesuffix(".json") + ".png"
+    store.write_bytes(png_url, png)
+    metadata: dict = {"chart": dg.MetadataValue.path(png_url)}
+    link = store.presigned_url(png_url, seconds=7 * 24 * 3600)
+    if link:
+        metadata["chart_image"] = dg.MetadataValue.md(f"![top-1 histogram and classes]({link})")
+    return metadata
 
 
 def _metadata(agg: dict, url: str) -> dict:
@@ -40,7 +55,7 @@ def label_stats(
     agg = stats.partial_aggregate(store.scan_parquet(files))
     url = store.url(STATS, f"{key}.json")
     store.write_json(url, agg)
-    return dg.MaterializeResult(metadata=_metadata(agg, url))
+    return dg.MaterializeResult(metadata={**_metadata(agg, url), **_chart(store, agg, url)})
 
 
 def rollup(store: Storage) -> tuple[dict, list[str]]:
@@ -57,5 +72,10 @@ def label_stats_rollup(storage: StorageResource) -> dg.MaterializeResult:
     store.write_json(url, agg)
     partitions = [f.rsplit("/", 1)[-1].removesuffix(".json") for f in files]
     return dg.MaterializeResult(
-        metadata={**_metadata(agg, url), "partitions": len(files), "partition_keys": partitions}
+        metadata={
+            **_metadata(agg, url),
+            **_chart(store, agg, url),
+            "partitions": len(files),
+            "partition_keys": partitions,
+        }
     )

@@ -98,6 +98,12 @@ class Storage:
         with self.fs.open(url, "rb") as fh:
             return json.load(fh)
 
+    def presigned_url(self, url: str, seconds: int) -> str | None:
+        """An https address a browser can fetch for ``seconds`` (S3), or None (a local folder)."""
+        if self.is_local:
+            return None
+        return self.fs.sign(url, expiration=seconds)
+
     def size(self, url: str) -> int:
         return int(self.fs.size(url))
 
