@@ -32,6 +32,7 @@ _ACTIVE = [
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
 ]
 
 
@@ -71,7 +72,9 @@ def unlabeled_shards_sensor(
     wrote outside Dagster, and requests a labeling run for exactly those partitions (registering
     a partition it did not know). The run key names the missing shards, so a repeat tick is a
     no-op, and shards that land later get a run of their own. A partition with a run in progress
-    waits for the next tick."""
+    waits for the next tick. A labeling run that failed (after its retries) is not requested again
+    for the same shards, so bad input cannot loop: fix the cause, then re-execute that run or
+    materialize the partition from the UI."""
     store = storage.store()
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from coyo_platform.assets.label_stats import label_stats_rollup
-from coyo_platform.definitions import PIPELINE, local_resources
+from coyo_platform.definitions import CHECKS, PIPELINE, local_resources
 from coyo_platform.resources import SourceResource, StorageResource
 from coyo_platform.sensors import (
     coyo_ingest,
@@ -58,9 +58,9 @@ def photo(site) -> bytes:
 
 def test_parts_nothing_new(source: Path, instance):
     source_resource = SourceResource(location=str(source))
-    first, context = _tick(coyo_parts_sensor, instance, source=source_resource)
+    first, _ = _tick(coyo_parts_sensor, instance, source=source_resource)
     instance.add_dynamic_partitions("coyo_parts", ["part-00000", "part-00001"])
-    again, _ = _tick(coyo_parts_sensor, instance, context.cursor, source=source_resource)
+    again, _ = _tick(coyo_parts_sensor, instance, first.cursor, source=source_resource)
     assert isinstance(again, dg.SkipReason)
     assert "no new parts" in again.skip_message
 
@@ -159,6 +159,7 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
     root = tmp_path / "data"
     defs = dg.Definitions(
         assets=[*PIPELINE, label_stats_rollup],
+        asset_checks=CHECKS,
         jobs=[coyo_ingest, coyo_label],
         sensors=[coyo_parts_sensor, unlabeled_shards_sensor],
         resources=local_resources(source=str(source), data_root=str(root)),
@@ -200,11 +201,22 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
         automation = dg.evaluate_automation_conditions(
             defs=defs, instance=instance, cursor=baseline.cursor
         )
-        requested = {
-            key.to_user_string(): automation.get_requested_partitions(key)
-            for key in (dg.AssetKey("label_stats"), dg.AssetKey("coyo_labeled_300m"))
-        }
-        assert requested["label_stats"] == {part}
-        # the subset waits for its stats (in progress in the same evaluation); nothing upstream
+        for asset in ("label_stats", "coyo_labeled_300m"):  # checks passed: both follow
+            assert automation.get_requested_partitions(dg.AssetKey(asset)) == {part}
         for upstream in ("coyo700m_metadata", "downloaded_shards", "labeled_shards"):
-            assert automation.get_num_requested(dg.AssetKey(upstream)) == 0
+            assert automation.get_num_requested(dg.AssetKey(upstream)) == 0  # nothing re-run
+
+        # the roll-up follows the new stats even though another registered part has none yet
+        instance.add_dynamic_partitions("coyo_parts", ["part-00099"])
+        stats_run = dg.materialize(
+            [*PIPELINE[3:], *CHECKS[2:]],
+            partition_key=part,
+            instance=instance,
+            resources=resources,
+        )
+        assert stats_run.success
+        later = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=automation.cursor
+        )
+        assert later.get_num_requested(dg.AssetKey("label_stats_rollup")) == 1
+        assert later.get_requested_partitions(dg.AssetKey("label_stats")) == set()

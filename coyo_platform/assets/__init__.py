@@ -21,9 +21,19 @@ warnings.filterwarnings("ignore", message="Specifying a partitions_def on an Ass
 #: in the UI. Needs the default automation condition sensor (on in `dagster dev`'s daemon).
 REFRESH = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
+#: The roll-up over all partitions refreshes whenever any partition's stats change, without waiting
+#: for every registered partition to have stats (plain ``eager`` would: its dependency is all of
+#: ``label_stats``'s partitions).
+REFRESH_ROLLUP = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+
 #: Steps that run a program (network, S3, a GPU instance that can be reclaimed) are retried twice,
-#: 10 s then about 20 s later; bad input raises ``dg.Failure(allow_retries=False)`` instead and is
-#: never retried.
+#: after 0-20 s then 20-40 s (exponential backoff, 10 s base, with jitter); bad input raises
+#: ``dg.Failure(allow_retries=False)`` instead and is never retried.
+#: Backfills run each partition on its own (downloads and labeling are hours each at full size;
+#: stats and subset carry per-partition metadata); one policy for all, so that jobs mixing the
+#: assets stay one run per partition.
+ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+
 TRANSIENT_RETRIES = dg.RetryPolicy(
     max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )

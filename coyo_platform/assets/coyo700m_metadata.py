@@ -1,6 +1,6 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP
+from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN
 from coyo_platform.core.metadata import copy_part
 from coyo_platform.core.schema import BadPartError
 from coyo_platform.partitions import coyo_parts
@@ -12,7 +12,12 @@ class MetadataConfig(dg.Config):
     """Keep only the first N rows of the part (a first try on a real part)."""
 
 
-@dg.asset(partitions_def=coyo_parts, group_name=GROUP, kinds={"parquet"})
+@dg.asset(
+    partitions_def=coyo_parts,
+    group_name=GROUP,
+    kinds={"parquet"},
+    backfill_policy=ONE_PARTITION_PER_RUN,
+)
 def coyo700m_metadata(
     context: dg.AssetExecutionContext,
     config: MetadataConfig,

@@ -1,7 +1,7 @@
 import dagster as dg
 import polars as pl
 
-from coyo_platform.assets import GROUP, REFRESH
+from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, REFRESH
 from coyo_platform.assets.label_stats import label_stats
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core.schema import CARD_SCHEMA
@@ -20,6 +20,7 @@ class SubsetConfig(dg.Config):
     partitions_def=coyo_parts,
     deps=[labeled_shards, label_stats],
     automation_condition=REFRESH,
+    backfill_policy=ONE_PARTITION_PER_RUN,
     group_name=GROUP,
     kinds={"parquet"},
 )

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP, TRANSIENT_RETRIES
+from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, TRANSIENT_RETRIES
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
 from coyo_platform.core.progress import download_counts
 from coyo_platform.core.storage import DOWNLOADS, METADATA
@@ -27,7 +27,7 @@ class DownloadConfig(dg.Config):
     group_name=GROUP,
     kinds={"webdataset"},
     retry_policy=TRANSIENT_RETRIES,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=ONE_PARTITION_PER_RUN,
 )
 def downloaded_shards(
     context: dg.AssetExecutionContext,

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP, REFRESH
+from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, REFRESH, REFRESH_ROLLUP
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.core import charts, stats
 from coyo_platform.core.labelspace import class_names
@@ -43,6 +43,7 @@ def _metadata(agg: dict, url: str) -> dict:
     group_name=GROUP,
     kinds={"polars"},
     automation_condition=REFRESH,
+    backfill_policy=ONE_PARTITION_PER_RUN,
 )
 def label_stats(
     context: dg.AssetExecutionContext, storage: StorageResource
@@ -63,7 +64,9 @@ def rollup(store: Storage) -> tuple[dict, list[str]]:
     return stats.merge_aggregates(store.read_json(f) for f in files), files
 
 
-@dg.asset(deps=[label_stats], group_name=GROUP, kinds={"polars"}, automation_condition=REFRESH)
+@dg.asset(
+    deps=[label_stats], group_name=GROUP, kinds={"polars"}, automation_condition=REFRESH_ROLLUP
+)
 def label_stats_rollup(storage: StorageResource) -> dg.MaterializeResult:
     """label_stats over all partitions, summed from the per-partition aggregates."""
     store = storage.store()

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP, TRANSIENT_RETRIES
+from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, TRANSIENT_RETRIES
 from coyo_platform.assets.downloaded_shards import downloaded_shards
 from coyo_platform.core.progress import label_coverage as coverage
 from coyo_platform.core.storage import DOWNLOADS, LABELS
@@ -37,11 +37,9 @@ class LabelConfig(dg.Config):
     deps=[downloaded_shards],
     group_name=GROUP,
     kinds={"pytorch"},
-    pool="gpu",
+    pool="gpu",  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
     retry_policy=TRANSIENT_RETRIES,
-    backfill_policy=dg.BackfillPolicy.multi_run(
-        max_partitions_per_run=1
-    ),  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
+    backfill_policy=ONE_PARTITION_PER_RUN,
 )
 def labeled_shards(
     context: dg.AssetExecutionContext,

@@ -41,7 +41,7 @@ def list_parts(source: str) -> dict[str, str]:
     fs, root = fsspec.core.url_to_fs(source)
     protocol = source.split("://", 1)[0] + "://" if "://" in source else ""
     parts: dict[str, str] = {}
-    for path in sorted(fs.ls(root, detail=False)):
+    for path in sorted(fs.ls(root, detail=False, refresh=True)):  # never a cached listing
         key = part_key(path)
         if key is None:
             continue

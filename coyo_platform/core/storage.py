@@ -46,7 +46,9 @@ class Storage:
         self.root = root.rstrip("/")
         self.endpoint_url = endpoint_url or None
         self.is_local = "://" not in self.root or self.root.startswith("file://")
-        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        options: dict = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        if not self.is_local:  # sensors list the same root every tick in a long-lived process
+            options["use_listings_cache"] = False
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
 
     def env(self) -> dict[str, str]:
