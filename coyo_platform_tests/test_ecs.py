@@ -169,24 +169,31 @@ def _decode(value: str) -> dict:
     return json.loads(zlib.decompress(base64.b64decode(value)))
 
 
-def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_bucket, ecs):
-    checkpoint_url = f"s3://{s3_bucket}/weights/random_model.pth"
-    boto3.client("s3").upload_file(str(site.checkpoint), s3_bucket, "weights/random_model.pth")
+def _ecs_resources(source, s3_bucket, **compute_settings) -> dict:
+    settings = {"subnets": "subnet-0a", **compute_settings}
     compute = EcsCompute(
         cluster="coyo-test",
-        subnets="subnet-0a,subnet-0b",
-        security_groups="sg-0c",
         pipes_bucket=s3_bucket,
         downloader_task_definition="coyo-downloader",
         labeler_task_definition="coyo-labeler",
         cpu_capacity_provider="coyo-cpu",
         gpu_capacity_provider="coyo-gpu",
+        **settings,
     )
-    resources = {
+    return {
         "source": SourceResource(location=str(source)),
         "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
         "compute": compute,
     }
+
+
+def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_bucket, ecs):
+    checkpoint_url = f"s3://{s3_bucket}/weights/random_model.pth"
+    boto3.client("s3").upload_file(str(site.checkpoint), s3_bucket, "weights/random_model.pth")
+    resources = _ecs_resources(
+        source, s3_bucket, subnets="subnet-0a,subnet-0b", security_groups="sg-0c"
+    )
+    compute = resources["compute"]
     run_config = fast_run_config(site.checkpoint)
     run_config["ops"]["labeled_shards"]["config"]["checkpoint"] = checkpoint_url
     with dg.instance_for_test() as instance:
@@ -253,23 +260,6 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
     ]
 
 
-def _ecs_resources(source, s3_bucket) -> dict:
-    compute = EcsCompute(
-        cluster="coyo-test",
-        subnets="subnet-0a",
-        pipes_bucket=s3_bucket,
-        downloader_task_definition="coyo-downloader",
-        labeler_task_definition="coyo-labeler",
-        cpu_capacity_provider="coyo-cpu",
-        gpu_capacity_provider="coyo-gpu",
-    )
-    return {
-        "source": SourceResource(location=str(source)),
-        "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
-        "compute": compute,
-    }
-
-
 def _label_run(site, instance, resources):
     return dg.materialize(
         [PIPELINE[2]],
@@ -325,20 +315,7 @@ def test_labeling_a_partition_never_downloaded_fails_at_once_without_a_task(
 def test_terminating_the_run_stops_its_ecs_task(site, source, s3_bucket, ecs):
     """While the labeler task runs, the Dagster run is interrupted (terminated from the UI):
     the ECS task is stopped, on its cluster, with a reason."""
-    compute = EcsCompute(
-        cluster="coyo-test",
-        subnets="subnet-0a",
-        pipes_bucket=s3_bucket,
-        downloader_task_definition="coyo-downloader",
-        labeler_task_definition="coyo-labeler",
-        cpu_capacity_provider="coyo-cpu",
-        gpu_capacity_provider="coyo-gpu",
-    )
-    resources = {
-        "source": SourceResource(location=str(source)),
-        "storage": StorageResource(root=f"s3://{s3_bucket}/coyo"),
-        "compute": compute,
-    }
+    resources = _ecs_resources(source, s3_bucket)
     boto3.client("s3").put_object(  # something to label: the pre-flight check passes
         Bucket=s3_bucket, Key=f"coyo/downloaded_shards/{PART}/00000.tar", Body=b""
     )
