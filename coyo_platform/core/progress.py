@@ -18,10 +18,15 @@ from coyo_platform.core.storage import DOWNLOADS, LABELS, Storage
 _KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
-def finished_shards(storage: Storage, key: str) -> list[str]:
-    """Names (``00000``) of the partition's shards that img2dataset finished."""
-    stats = storage.glob(storage.url(DOWNLOADS, key, "*_stats.json"))
+def finished_in(storage: Storage, folder: str) -> list[str]:
+    """Names (``00000``) of the shards img2dataset finished in ``folder`` (any URL)."""
+    stats = storage.glob(f"{folder.rstrip('/')}/*_stats.json")
     return sorted(os.path.basename(p).removesuffix("_stats.json") for p in stats)
+
+
+def finished_shards(storage: Storage, key: str) -> list[str]:
+    """Names of the partition's shards that img2dataset finished."""
+    return finished_in(storage, storage.url(DOWNLOADS, key))
 
 
 def labeled_shards(storage: Storage, key: str) -> set[str]:
@@ -43,14 +48,19 @@ def downloaded_partitions(storage: Storage) -> list[str]:
     root = storage.url(DOWNLOADS)
     if not storage.exists(root):
         return []
-    names = {os.path.basename(p.rstrip("/")) for p in storage.fs.ls(root, detail=False)}
-    return sorted(n for n in names if _KEY.match(n) and storage.fs.isdir(storage.url(DOWNLOADS, n)))
+    entries = storage.fs.ls(root, detail=True)  # one listing: names and types together
+    names = {os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"}
+    return sorted(n for n in names if _KEY.match(n))
 
 
-def download_counts(storage: Storage, key: str) -> tuple[int, int]:
+def download_counts(
+    storage: Storage, key: str, finished: list[str] | None = None
+) -> tuple[int, int]:
     """(attempted, succeeded) over the partition's finished shards, from img2dataset's own
     per-shard parquet (one row per input URL with its ``status``)."""
-    files = [storage.url(DOWNLOADS, key, f"{s}.parquet") for s in finished_shards(storage, key)]
+    if finished is None:
+        finished = finished_shards(storage, key)
+    files = [storage.url(DOWNLOADS, key, f"{s}.parquet") for s in finished]
     if not files:
         return 0, 0
     counts = storage.scan_parquet(files).select(
@@ -63,11 +73,13 @@ def download_counts(storage: Storage, key: str) -> tuple[int, int]:
 def label_coverage(storage: Storage, key: str) -> dict:
     """Downloaded images against label rows (labeled, or recorded as failed with a reason):
     equal, with every finished shard labeled, when nothing was lost."""
-    _, downloaded = download_counts(storage, key)
+    finished = finished_shards(storage, key)
+    _, downloaded = download_counts(storage, key, finished)
     files = storage.glob(storage.url(LABELS, key, "*.parquet"))
     rows = storage.scan_parquet(files).select(pl.len()).collect().item() if files else 0
+    done = {os.path.basename(f).removesuffix(".parquet") for f in files}
     return {
         "downloaded_images": downloaded,
         "label_rows": int(rows),
-        "unlabeled_shards": unlabeled_shards(storage, key),
+        "unlabeled_shards": [s for s in finished if s not in done],
     }

@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from coyo_platform.core.labelspace import NUM_MODEL_OUTPUTS, goog_to_fall11
+from coyo_platform.core.progress import finished_in
 from coyo_platform.core.schema import TOP_K
 from coyo_platform.core.storage import Storage
 
@@ -551,14 +552,14 @@ def label_shards(
     all_shards = source.glob(f"{source.root}/*.tar")
     if not all_shards:
         raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
-    finished = {shard_name(p) for p in source.glob(f"{source.root}/*_stats.json")}
+    finished = set(finished_in(source, source.root))
     if finished:  # img2dataset's folder: a shard is whole once its _stats.json is written
-        unfinished = [s for s in all_shards if shard_name(s) + "_stats" not in finished]
+        unfinished = [s for s in all_shards if shard_name(s) not in finished]
         if unfinished:
             log.info(
                 f"{len(unfinished)} shards still being written (no _stats.json): left for later"
             )
-        all_shards = [s for s in all_shards if shard_name(s) + "_stats" in finished]
+        all_shards = [s for s in all_shards if shard_name(s) in finished]
     todo = [s for s in all_shards if not out.exists(out.url(shard_name(s) + ".parquet"))]
     summary = LabelSummary(shards_skipped=len(all_shards) - len(todo))
     log.info(f"{len(all_shards)} shards, {summary.shards_skipped} already labeled")
