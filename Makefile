@@ -2,6 +2,7 @@
 # make test: set up .venv if missing, then run the whole test suite
 # make ui:   open the Dagster UI on the same instance (http://127.0.0.1:3000)
 # make bench / bench-gpu: the labeler benchmark (benchmarks/labeler.py) on the CPU / one GPU
+# make bench-stats: label stats and the target threshold vs DuckDB (benchmarks/stats.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui lint clean bench bench-gpu chromium
+.PHONY: demo test ui lint clean bench bench-gpu bench-stats chromium
 
 $(BIN)/coyo-platform: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ bench: $(BIN)/coyo-platform
 
 bench-gpu: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/labeler.py --gpu
+
+bench-stats: $(BIN)/coyo-platform
+	$(BIN)/python benchmarks/stats.py
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,12 +1,15 @@
 """``coyo-platform``: run the pipeline for some parts from a shell, or the offline demo.
 
     coyo-platform run --source URL --parts part-00000 [part-00001 ...] [--model NAME]
-                      [--checkpoint PATH] [--threshold T] [--limit N]
+                      [--checkpoint PATH] [--threshold T | --target-rows N | --target-fraction F]
+                      [--dedup] [--class-cap N] [--limit N]
     coyo-platform demo
 
 ``run`` registers the parts as ``coyo_parts`` partitions in the Dagster instance at
-``$DAGSTER_HOME`` (default ``./.dagster``, SQLite) and materializes every asset for each part, one
-run per step, printing a line per step; ``dagster dev`` then shows the materializations.
+``$DAGSTER_HOME`` (default ``./.dagster``, SQLite) and materializes every asset, one run per step,
+printing a line per step: metadata, downloads, labels and stats for each part, then the stats
+roll-up and the sampling plan over all parts, then each part's subset, then the manifest;
+``dagster dev`` then shows the materializations.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coyo_platform.core.subset import DEFAULT_THRESHOLD
-
 # What the progress line of each step shows from its materialization metadata.
 _SUMMARY_KEYS = {
     "coyo700m_metadata": ("rows",),
@@ -29,6 +30,8 @@ _SUMMARY_KEYS = {
     "label_stats": ("images_labeled",),
     "coyo_labeled_300m": ("rows", "share_kept"),
     "label_stats_rollup": ("partitions", "images_labeled"),
+    "subset_plan": ("threshold", "rows", "duplicates_dropped"),
+    "subset_manifest": ("partitions", "rows"),
 }
 
 
@@ -80,7 +83,11 @@ def _materialize(asset, instance, resources, part: str | None, config: dict, log
         print(
             f"[{part or 'all'}] check {check.check_name} FAILED ({check.severity.value}): {figures}"
         )
-    metadata = result.asset_materializations_for_node(name)[-1].metadata
+    materialized = result.asset_materializations_for_node(name)
+    if not materialized:
+        print(f"[{part or 'all'}] {name:<20} unchanged in {took:6.1f}s", flush=True)
+        return ""
+    metadata = materialized[-1].metadata
     shown = ", ".join(
         f"{k}={metadata[k].value}" for k in _SUMMARY_KEYS.get(name, ()) if k in metadata
     )
@@ -95,17 +102,23 @@ def run(
     model: str | None = None,
     checkpoint: str | None = None,
     preset: str | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    sampling: dict | None = None,
     limit: int | None = None,
     image_size: int | None = None,
     verbose: bool = False,
 ) -> list[str]:
     """Materialize the whole graph for ``parts``; returns the subset files' paths."""
     from coyo_platform.assets.label_stats import label_stats_rollup
-    from coyo_platform.core.subset import check_threshold
+    from coyo_platform.assets.subset_manifest import subset_manifest
+    from coyo_platform.assets.subset_plan import subset_plan
+    from coyo_platform.core.plan import Sampling
     from coyo_platform.definitions import PIPELINE, local_resources
 
-    check_threshold(threshold)
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+    try:
+        Sampling(**sampling)
+    except ValueError as err:
+        raise SystemExit(f"bad sampling setting: {err}") from err
     if limit is not None and limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {limit}")
     if checkpoint and "://" not in checkpoint:
@@ -125,17 +138,16 @@ def run(
         "downloaded_shards": {"image_size": image_size} if image_size else {},
         "labeled_shards": label,
         "label_stats": {},
-        "coyo_labeled_300m": {"threshold": threshold},
     }
     level = "INFO" if verbose else "WARNING"
-    outputs = []
+    *per_part, subset = PIPELINE
     for part in parts:
-        for asset in PIPELINE:
-            path = _materialize(
-                asset, instance, resources, part, configs[asset.key.path[-1]], level
-            )
-        outputs.append(path)
+        for asset in per_part:
+            _materialize(asset, instance, resources, part, configs[asset.key.path[-1]], level)
     _materialize(label_stats_rollup, instance, resources, None, {}, level)
+    _materialize(subset_plan, instance, resources, None, sampling, level)
+    outputs = [_materialize(subset, instance, resources, part, {}, level) for part in parts]
+    _materialize(subset_manifest, instance, resources, None, {}, level)
     print("COYO-Labeled-300M subset written to:")
     for path in outputs:
         print(f"  {path}")
@@ -177,9 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--model", default=None, help="timm model (default tf_efficientnetv2_xl.in21k)")
     r.add_argument("--checkpoint", default=None, help="weights file (default: hub pretrained)")
     r.add_argument("--preset", choices=("coyo", "timm"), default=None, help="labeler preset (coyo)")
-    r.add_argument(
-        "--threshold", type=float, default=DEFAULT_THRESHOLD, help="top-1 cut (default %(default)s)"
-    )
+    pick = r.add_mutually_exclusive_group()
+    pick.add_argument("--threshold", type=float, help="top-1 cut (default 0.30)")
+    pick.add_argument("--target-rows", type=int, help="threshold closest to N rows")
+    pick.add_argument("--target-fraction", type=float, help="threshold closest to F of images")
+    r.add_argument("--dedup", action="store_true", help="one image per pHash across all parts")
+    r.add_argument("--class-cap", type=int, default=None, help="at most N images per class")
     r.add_argument("--limit", type=int, default=None, help="only the first N rows of each part")
     r.add_argument("--image-size", type=int, default=None, help="download size (default 512)")
     r.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
@@ -196,7 +211,13 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model,
             checkpoint=args.checkpoint,
             preset=args.preset,
-            threshold=args.threshold,
+            sampling={
+                "threshold": args.threshold,
+                "target_rows": args.target_rows,
+                "target_fraction": args.target_fraction,
+                "dedup": args.dedup or None,
+                "class_cap": args.class_cap,
+            },
             limit=args.limit,
             image_size=args.image_size,
             verbose=args.verbose,

@@ -10,8 +10,11 @@ import dagster as dg
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
 from coyo_platform.assets.downloaded_shards import download_success_rate, downloaded_shards
+from coyo_platform.assets.label_names import label_names
 from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
 from coyo_platform.assets.labeled_shards import label_coverage, labeled_shards
+from coyo_platform.assets.subset_manifest import subset_manifest
+from coyo_platform.assets.subset_plan import subset_plan
 from coyo_platform.core.sources import HUB_SOURCE
 from coyo_platform.resources import EcsCompute, LocalCompute, SourceResource, StorageResource
 from coyo_platform.sensors import (
@@ -23,6 +26,9 @@ from coyo_platform.sensors import (
 
 #: The partitioned assets, in the order a partition flows through them.
 PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, coyo_labeled_300m]
+#: The unpartitioned assets over all partitions: stats roll-up, the sampling plan (threshold,
+#: dedup, caps), the subset's manifest, and the label names and hierarchy.
+ROLLUPS = [label_stats_rollup, subset_plan, subset_manifest, label_names]
 #: Where a user looks first: downloads' success rate (warns), label coverage and the subset's
 #: schema (blocking: nothing downstream is built on them when they fail).
 CHECKS = [download_success_rate, label_coverage, card_schema]
@@ -75,7 +81,7 @@ def resources_for(env: str | None = None) -> dict:
 
 
 defs = dg.Definitions(
-    assets=[*PIPELINE, label_stats_rollup],
+    assets=[*PIPELINE, *ROLLUPS],
     asset_checks=CHECKS,
     jobs=[coyo_pipeline, coyo_ingest, coyo_label],
     sensors=[coyo_parts_sensor, unlabeled_shards_sensor],

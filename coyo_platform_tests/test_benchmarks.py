@@ -45,3 +45,24 @@ def test_labeler_benchmark_prints_all_three_rates_and_ratios(tmp_path: Path):
     assert figures["outputs"] == 21_843
     for key in ("a_model_alone", "b_worker", "c_baseline", "b/a", "b/c", "peak_rss_mb_all"):
         assert figures[key] > 0
+
+
+def test_stats_benchmark_prints_both_engines_the_ratio_and_agreement(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/stats.py", "--quick", "--workdir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "MISMATCH" not in out
+    for rows in ("40,000 rows (2 parts)", "80,000 rows (4 parts)"):
+        assert rows in out
+    for engine in ("ours", "duckdb"):
+        lines = [ln for ln in out.splitlines() if ln.split()[:1] == [engine] and "rows/s" in ln]
+        assert len(lines) == 2 and all("peak RSS" in ln for ln in lines)
+    assert out.count("ratio duckdb/ours = ") == 2
+    assert out.count("engines agree: ") == 2
+    assert "target ratio >= 1" in out and "target ours peak RSS < 2,048 MB" in out
+    assert "extrapolated to 747,000,000 rows" in out and "machine: " in out

@@ -10,8 +10,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from coyo_platform.assets.label_stats import label_stats_rollup
-from coyo_platform.definitions import CHECKS, PIPELINE, local_resources
+from coyo_platform.assets.subset_plan import subset_plan
+from coyo_platform.definitions import CHECKS, PIPELINE, ROLLUPS, local_resources
 from coyo_platform.resources import SourceResource, StorageResource
 from coyo_platform.sensors import (
     coyo_ingest,
@@ -155,10 +155,11 @@ def test_labels_repeat_tick_is_a_no_op(tmp_path: Path, instance, photo):
 
 def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_path: Path):
     """parts sensor tick -> ingest run -> label sensor tick -> label run -> labels present ->
-    automation requests label stats and the subset for that partition, nothing upstream."""
+    automation requests label stats for that partition, nothing upstream; the roll-up and the
+    sampling plan follow the stats, and the subset follows the plan."""
     root = tmp_path / "data"
     defs = dg.Definitions(
-        assets=[*PIPELINE, label_stats_rollup],
+        assets=[*PIPELINE, *ROLLUPS],
         asset_checks=CHECKS,
         jobs=[coyo_ingest, coyo_label],
         sensors=[coyo_parts_sensor, unlabeled_shards_sensor],
@@ -201,8 +202,9 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
         automation = dg.evaluate_automation_conditions(
             defs=defs, instance=instance, cursor=baseline.cursor
         )
-        for asset in ("label_stats", "coyo_labeled_300m"):  # checks passed: both follow
-            assert automation.get_requested_partitions(dg.AssetKey(asset)) == {part}
+        assert automation.get_requested_partitions(dg.AssetKey("label_stats")) == {part}
+        # the subset waits for a sampling plan, which waits for stats
+        assert automation.get_num_requested(dg.AssetKey("coyo_labeled_300m")) == 0
         for upstream in ("coyo700m_metadata", "downloaded_shards", "labeled_shards"):
             assert automation.get_num_requested(dg.AssetKey(upstream)) == 0  # nothing re-run
 
@@ -219,4 +221,11 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
             defs=defs, instance=instance, cursor=automation.cursor
         )
         assert later.get_num_requested(dg.AssetKey("label_stats_rollup")) == 1
+        assert later.get_num_requested(dg.AssetKey("subset_plan")) == 1
         assert later.get_requested_partitions(dg.AssetKey("label_stats")) == set()
+        planned = dg.materialize([subset_plan], instance=instance, resources=resources)
+        assert planned.success
+        after_plan = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=later.cursor
+        )  # a new plan rewrites the subset of every partition that has labels
+        assert after_plan.get_requested_partitions(dg.AssetKey("coyo_labeled_300m")) == {part}

@@ -5,7 +5,8 @@ Every stage reads and writes below the root with the layout::
     <root>/coyo700m_metadata/<part>.parquet
     <root>/downloaded_shards/<part>/NNNNN.tar|.parquet|_stats.json   (img2dataset's own layout)
     <root>/labeled_shards/<part>/NNNNN.parquet
-    <root>/label_stats/<part>.json
+    <root>/label_stats/<part>.json|.index.parquet|.png
+    <root>/subset_plan/plan.json, <root>/subset_plan/<id>/duplicates|class_cutoffs
     <root>/coyo_labeled_300m/<part>.parquet
 
 Writes are atomic for readers: a file is written under a temporary name and then moved into place
@@ -35,6 +36,7 @@ DOWNLOADS = "downloaded_shards"
 LABELS = "labeled_shards"
 STATS = "label_stats"
 SUBSET = "coyo_labeled_300m"
+PLAN = "subset_plan"
 
 
 class Storage:
@@ -88,9 +90,10 @@ class Storage:
             os.fsync(fh.fileno())
         os.replace(tmp, url)
 
-    def write_parquet(self, url: str, table: pa.Table) -> None:
+    def write_parquet(self, url: str, table: pa.Table, **options: Any) -> None:
+        """``options`` go to ``pq.write_table`` (default: zstd)."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, **{"compression": "zstd", **options})
         self.write_bytes(url, buf.getvalue())
 
     def write_json(self, url: str, value: Any) -> None:

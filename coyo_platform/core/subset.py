@@ -1,8 +1,9 @@
-"""The COYO-Labeled-300M subset of one partition: rows whose top-1 probability clears a threshold.
+"""The COYO-Labeled-300M subset of one partition: the rows the sampling plan keeps.
 
 Output is exactly the card's schema and column order (``schema.CARD_SCHEMA``). ``url`` comes from
 the source part, joined on COYO's ``id`` (never on row position); ``width``/``height`` are the
-downloaded image's original size; ``imagehash`` is the pHash of the downloaded image.
+downloaded image's original size; ``imagehash`` is the pHash of the downloaded image. Which rows
+are kept (threshold, duplicates, class caps) is ``core.plan``'s decision.
 """
 
 from __future__ import annotations
@@ -10,24 +11,21 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
+from coyo_platform.core.plan import DEFAULT_THRESHOLD, apply_caps, check_threshold
 from coyo_platform.core.schema import CARD_SCHEMA
 
-#: Default top-1 threshold. Kakao did not publish theirs. Extrapolating the card's share-kept
-#: column (96.7%, 85.8%, 74.5%, 64.3%, 55.6% at 0.05..0.25, falling ~8-11 points per 0.05) puts
-#: 0.30 near 48% of labeled images: about 300M of the ~640M COYO-700M images still downloadable.
-DEFAULT_THRESHOLD = 0.30
-
-
-def check_threshold(threshold: float) -> float:
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    return threshold
+__all__ = ["DEFAULT_THRESHOLD", "build_subset", "check_threshold"]
 
 
 def build_subset(
-    labels: pl.LazyFrame, metadata: pl.LazyFrame, threshold: float
+    labels: pl.LazyFrame,
+    metadata: pl.LazyFrame,
+    threshold: float,
+    duplicates: pl.LazyFrame | None = None,
+    cutoffs: pl.DataFrame | None = None,
 ) -> tuple[pa.Table, int]:
-    """Select the labeled rows whose top-1 probability is >= ``threshold``.
+    """Select the labeled rows whose top-1 probability is >= ``threshold``, minus the plan's
+    ``duplicates`` (rows with an ``id`` column) and beyond its class ``cutoffs``.
 
     Args:
         labels: the partition's labeled shards (``id``, ``imagehash``, ``labels``, ``label_probs``,
@@ -44,11 +42,18 @@ def build_subset(
     """
     check_threshold(threshold)
     ok = labels.filter(pl.col("error").is_null())
-    kept_query = (
-        ok.filter(pl.col("label_probs").list.first().cast(pl.Float64) >= threshold)
+    kept = (
+        ok.with_columns(
+            top1=pl.col("label_probs").list.first().cast(pl.Float32),
+            top1_class=pl.col("labels").list.first().cast(pl.Int32),
+        )
+        .filter(pl.col("top1").cast(pl.Float64) >= threshold)
         .unique("id", keep="first", maintain_order=True)
-        .join(metadata.select("id", "url"), on="id", how="left", maintain_order="left")
     )
+    if duplicates is not None:
+        kept = kept.join(duplicates.select("id"), on="id", how="anti", maintain_order="left")
+    kept = apply_caps(kept, cutoffs)
+    kept_query = kept.join(metadata.select("id", "url"), on="id", how="left", maintain_order="left")
     kept, labeled = pl.collect_all([kept_query, ok.select(pl.len())])
     strangers = kept.filter(pl.col("url").is_null())["id"]
     if len(strangers):

@@ -89,6 +89,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
+#: How labeled shards are written: read back whole by label stats and the subset, so for read
+#: speed: lz4 and no dictionary pages (measured on 1M synthetic rows: polars reads them about 2x
+#: faster than zstd with dictionaries, for 12% more bytes). The subset, the product, stays zstd.
+LABELED_FILE_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+
 LABELED_SCHEMA = pa.schema(
     [
         pa.field("id", pa.int64()),
@@ -406,7 +411,9 @@ class ShardWriter:
             if self._error is not None:
                 continue
             try:
-                self._out.write_parquet(self._out.url(shard + ".parquet"), _shard_table(rows))
+                self._out.write_parquet(
+                    self._out.url(shard + ".parquet"), _shard_table(rows), **LABELED_FILE_OPTIONS
+                )
                 self.written.put((shard, len(rows)))
             except BaseException as exc:  # handed to the main thread
                 self._error = exc

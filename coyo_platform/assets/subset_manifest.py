@@ -1,0 +1,47 @@
+"""The subset's manifest (logic in ``core.manifest``) and a check that it is complete."""
+
+import dagster as dg
+
+from coyo_platform.assets import GROUP, REFRESH_ROLLUP
+from coyo_platform.assets.coyo_labeled_300m import coyo_labeled_300m
+from coyo_platform.core import plan as plans
+from coyo_platform.core.manifest import MANIFEST_FILE, build_manifest
+from coyo_platform.core.storage import SUBSET
+from coyo_platform.resources import StorageResource
+
+
+@dg.asset(
+    deps=[coyo_labeled_300m],
+    group_name=GROUP,
+    kinds={"json"},
+    automation_condition=REFRESH_ROLLUP,
+    check_specs=[dg.AssetCheckSpec("subset_complete", asset="subset_manifest")],
+)
+def subset_manifest(storage: StorageResource):
+    """Every subset part with its rows, bytes and plan; the check fails while a planned part is
+    missing, stale (written under another plan) or has a row count the plan did not count."""
+    store = storage.store()
+    plan = plans.read_plan(store) or plans.default_plan()
+    manifest = build_manifest(store, plan)
+    url = store.url(SUBSET, MANIFEST_FILE)
+    store.write_json(url, manifest)
+    yield dg.MaterializeResult(
+        metadata={
+            "rows": manifest["rows"],
+            "partitions": manifest["partitions"],
+            "bytes": manifest["bytes"],
+            "threshold": manifest["threshold"],
+            "plan_digest": manifest["plan_digest"],
+            "path": dg.MetadataValue.path(url),
+        }
+    )
+    yield dg.AssetCheckResult(
+        check_name="subset_complete",
+        passed=manifest["complete"],
+        metadata={
+            "problems": dg.MetadataValue.md(
+                "\n".join(f"- {p}" for p in manifest["problems"][:50]) or "none"
+            ),
+            "missing": len(manifest["missing"]),
+        },
+    )

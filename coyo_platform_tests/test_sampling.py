@@ -1,0 +1,357 @@
+"""Sampling at scale: the threshold table from partial aggregates equals a direct count for any
+thresholds, the target-size threshold is exact to the row, deduplication and class caps keep what
+the documented rule says, and the plan, the subsets and the manifest agree through Dagster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
+from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
+from coyo_platform.assets.subset_manifest import subset_manifest
+from coyo_platform.assets.subset_plan import subset_plan
+from coyo_platform.core import plan as plans
+from coyo_platform.core import stats
+from coyo_platform.core.storage import Storage
+from coyo_platform.resources import StorageResource
+from coyo_platform.worker.labeler import LABELED_FILE_OPTIONS, LABELED_SCHEMA
+
+#: float32(0.7) is just below 0.7: an image at exactly that probability is not "above 0.7".
+BELOW_07 = float(np.float32(0.7))
+ODD_THRESHOLDS = (0.0, 0.013, 0.3, 0.7, 1.0)
+
+
+def _rows(n: int, seed: int, first_id: int, shared_hashes: list[str]) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        if i % 23 == 0:
+            rows.append({"id": first_id + i, "key": f"{i:09d}", "error": "decode: OSError"})
+            continue
+        top1 = rng.choice([BELOW_07, 0.3, 0.5, 1.0, *rng.random(6)])  # ties on purpose
+        probs = np.sort(np.concatenate([[top1], top1 * rng.random(49)]))[::-1].astype(np.float32)
+        labels = rng.choice(60, 50, replace=False).astype(np.int32)  # few classes: caps bite
+        phash = (
+            shared_hashes[i % len(shared_hashes)] if i % 5 == 0 else f"{rng.integers(2**63):016x}"
+        )
+        rows.append(
+            {
+                "id": first_id + i,
+                "key": f"{i:09d}",
+                "imagehash": phash,
+                "labels": labels.tolist(),
+                "label_probs": probs.tolist(),
+                "width": 640,
+                "height": 480,
+                "error": None,
+            }
+        )
+    return rows
+
+
+def _write_partition(root: Path, key: str, rows: list[dict], shards: int = 3) -> None:
+    folder = root / "labeled_shards" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    size = -(-len(rows) // shards)
+    store = Storage(str(root))
+    for s in range(shards):
+        chunk = rows[s * size : (s + 1) * size]
+        table = pa.Table.from_pylist(
+            [{n: r.get(n) for n in LABELED_SCHEMA.names} for r in chunk], schema=LABELED_SCHEMA
+        )
+        store.write_parquet(str(folder / f"{s:05d}.parquet"), table, **LABELED_FILE_OPTIONS)
+    meta = pl.DataFrame(
+        {"id": [r["id"] for r in rows], "url": [f"http://x/{r['id']}" for r in rows]}
+    )
+    (root / "coyo700m_metadata").mkdir(exist_ok=True)
+    meta.write_parquet(root / "coyo700m_metadata" / f"{key}.parquet")
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, dict[str, list[dict]]]:
+    shared = [f"{h:016x}" for h in (1, 2, 3, 2**63 + 5)]  # pHashes repeated across partitions
+    parts = {
+        f"part-0000{p}": _rows(n, seed=p, first_id=p * 10_000, shared_hashes=shared)
+        for p, n in enumerate((700, 450, 300))
+    }
+    for key, rows in parts.items():
+        _write_partition(tmp_path, key, rows)
+    return tmp_path, parts
+
+
+# ------------------------------------------------------------------ direct, row-by-row truths
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["error"] is None]
+
+
+def _above(p: float, t: float) -> bool:
+    return float(np.float32(p)) >= t
+
+
+def _direct(rows: list[dict], t: float) -> dict:
+    ok = _ok(rows)
+    kept = [r for r in ok if _above(r["label_probs"][0], t)]
+    n_above = [sum(_above(p, t) for p in r["label_probs"]) for r in kept]
+    classes: dict[str, int] = {}
+    for r in kept:
+        for lab, p in zip(r["labels"], r["label_probs"], strict=True):
+            if _above(p, t):
+                classes[str(lab)] = classes.get(str(lab), 0) + 1
+    per_image: dict[str, int] = {}
+    for n in n_above:
+        per_image[str(n)] = per_image.get(str(n), 0) + 1
+    return {
+        "kept": len(kept),
+        "labels_above": sum(n_above),
+        "class_counts": classes,
+        "labels_per_image": per_image,
+    }
+
+
+def test_partition_aggregates_equal_a_direct_count_over_all_rows(dataset):
+    root, parts = dataset
+    store = Storage(str(root))
+    aggs = []
+    for key in parts:
+        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        agg, index = stats.aggregate_files(store.scan_parquet, files, ODD_THRESHOLDS, chunk_files=2)
+        aggs.append(agg)
+        assert index.num_rows == len(_ok(parts[key]))
+        assert index.column("phash").to_pylist() == sorted(index.column("phash").to_pylist())
+    merged = stats.merge_aggregates(aggs)
+    everything = [r for rows in parts.values() for r in rows]
+    assert merged["images"] == len(_ok(everything))
+    assert merged["failed"] == len(everything) - len(_ok(everything))
+    for t, got in zip(ODD_THRESHOLDS, merged["thresholds"], strict=True):
+        want = _direct(everything, t)
+        assert {k: got[k] for k in want} == want, t
+    assert got["kept"] == sum(r["label_probs"][0] == 1.0 for r in _ok(everything))
+    top1 = [np.float32(r["label_probs"][0]) for r in _ok(everything)]
+    fine = np.bincount(plans.fine_bin(np.array(top1)), minlength=stats.FINE_BINS)
+    assert merged["top1_fine"] == {str(b): int(n) for b, n in enumerate(fine) if n}
+    assert sum(merged["top1_histogram"]) == merged["images"]
+    table = {r["threshold"]: r for r in stats.threshold_table(merged)}
+    assert table[0.7]["images_kept"] == sum(float(p) >= 0.7 for p in top1)  # f32(0.7) < 0.7
+
+
+def _closest(values: np.ndarray, target: int) -> tuple[float, int]:
+    """Brute force: every distinct value as a threshold; closest size, ties to the lower one."""
+    best = None
+    for v in sorted(set(values.tolist())):  # ascending: the first of equals wins the tie
+        size = int((values >= v).sum())
+        if best is None or abs(size - target) < abs(best[1] - target):
+            best = (v, size)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_target_threshold_is_exact_to_the_row(seed: int):
+    rng = np.random.default_rng(seed)
+    values = np.concatenate(
+        [rng.random(3000), rng.choice([0.25, 0.5, BELOW_07], 400), rng.random(50) * 1e-4, [1.0] * 7]
+    ).astype(np.float32)
+    bins = plans.fine_bin(values)
+    histogram = {int(b): int(n) for b, n in zip(*np.unique(bins, return_counts=True), strict=True)}
+
+    def values_in_bins(lo: int, hi: int) -> np.ndarray:
+        return values[(bins >= lo) & (bins <= hi)]
+
+    # a target exactly between two sizes: the tie goes to the lower threshold (more rows)
+    distinct = np.unique(values)
+    sizes = [int((values >= v).sum()) for v in distinct]
+    ties = [
+        (a + b) // 2
+        for a, b in zip(sizes[1:], sizes, strict=False)
+        if (b - a) % 2 == 0 and b - a > 1
+    ]
+    assert ties  # the repeated values make such gaps
+    for target in (1, 5, 7, 8, 200, 1000, 1234, 2000, 3456, 3457, len(values), 10**6, *ties[:5]):
+        want = _closest(values, target)
+        got = plans.threshold_for_target(histogram, target, values_in_bins)
+        assert got == want, target
+        assert got[1] == int((values >= got[0]).sum())
+
+
+def _brute_force_subset(parts: dict[str, list[dict]], sampling: plans.Sampling, t: float) -> set:
+    ok = [r for rows in parts.values() for r in _ok(rows)]
+    order = sorted(ok, key=lambda r: (-float(np.float32(r["label_probs"][0])), r["id"]))
+    if sampling.dedup:
+        seen, kept = set(), []
+        for r in order:
+            if r["imagehash"] not in seen:
+                seen.add(r["imagehash"])
+                kept.append(r)
+        order = kept
+    if sampling.class_cap:
+        per_class: dict[int, int] = {}
+        kept = []
+        for r in order:
+            c = r["labels"][0]
+            if per_class.get(c, 0) < sampling.class_cap:
+                per_class[c] = per_class.get(c, 0) + 1
+                kept.append(r)
+        order = kept
+    return {r["id"] for r in order if _above(r["label_probs"][0], t)}
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        plans.Sampling(threshold=0.5),
+        plans.Sampling(target_rows=400, dedup=True),
+        plans.Sampling(target_fraction=0.35, class_cap=9),
+        plans.Sampling(target_rows=250, dedup=True, class_cap=6),
+    ],
+    ids=["threshold", "target+dedup", "fraction+cap", "target+dedup+cap"],
+)
+def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: plans.Sampling, monkeypatch):
+    root, parts = dataset
+    store = Storage(str(root))
+    for key in parts:
+        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        agg, index = stats.aggregate_files(store.scan_parquet, files)
+        store.write_parquet(plans.index_url(store, key), index)
+        store.write_json(store.url("label_stats", f"{key}.json"), agg)
+    # small buckets and cap groups, so that the bounded-memory paths really take several passes
+    monkeypatch.setattr(plans, "BUCKET_ROWS", 300)
+    plan = plans.make_plan(store, sorted(parts), sampling, log=lambda _: None)
+    # the rule commutes with the threshold: rules first, then the cut, equals the brute force
+    want = _brute_force_subset(parts, sampling, plan["threshold"])
+    got: set = set()
+    for key in parts:
+        duplicates, cutoffs = plans.partition_filters(store, plan, key)
+        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        from coyo_platform.core.subset import build_subset
+
+        table, _ = build_subset(
+            store.scan_parquet(files),
+            store.scan_parquet(str(root / "coyo700m_metadata" / f"{key}.parquet")),
+            plan["threshold"],
+            duplicates,
+            cutoffs,
+        )
+        ids = set(table.column("id").to_pylist())
+        assert len(ids) == table.num_rows == plan["rows_per_partition"][key]
+        assert not ids & got  # never the same image twice
+        got |= ids
+    assert got == want
+    assert plan["rows"] == len(want)
+    if sampling.target_rows or sampling.target_fraction:
+        target = sampling.target_rows or round(sampling.target_fraction * plan["images_labeled"])
+        eligible = _brute_force_subset(parts, sampling, 0.0)
+        sizes = {len(_brute_force_subset(parts, sampling, t)) for t in (0.0, plan["threshold"])}
+        assert plan["target_rows"] == target and len(eligible) >= 1 and sizes
+        # no threshold gets closer: every other candidate value is at least as far away
+        values = sorted(
+            {float(np.float32(r["label_probs"][0])) for rows in parts.values() for r in _ok(rows)}
+        )
+        best = min(abs(len(_brute_force_subset(parts, sampling, v)) - target) for v in values)
+        assert abs(plan["rows"] - target) == best
+    if sampling.class_cap:
+        tops = [r["labels"][0] for rows in parts.values() for r in rows if r["id"] in got]
+        assert max(tops.count(c) for c in set(tops)) <= sampling.class_cap
+
+
+def test_plan_refuses_contradictory_or_out_of_range_settings():
+    with pytest.raises(ValueError, match="one of threshold, target_rows, target_fraction"):
+        plans.Sampling(threshold=0.3, target_rows=10)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        plans.Sampling(threshold=1.5)
+    with pytest.raises(ValueError, match="target_fraction must be in"):
+        plans.Sampling(target_fraction=0.0)
+    with pytest.raises(ValueError, match="class_cap must be >= 1"):
+        plans.Sampling(class_cap=0)
+    with pytest.raises(ValueError, match="thresholds must be in"):
+        stats.check_thresholds([0.1, 2.0])
+
+
+# ---------------------------------------------------------------------------- through Dagster
+
+
+def _materialize(assets, instance, root, partition=None, config=None):
+    run_config = {"ops": {assets[0].key.path[-1]: {"config": config}}} if config else None
+    return dg.materialize(
+        assets,
+        partition_key=partition,
+        instance=instance,
+        resources={"storage": StorageResource(root=str(root))},
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
+def test_plan_subsets_and_manifest_through_dagster(dataset):
+    root, parts = dataset
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", sorted(parts))
+        for key in parts:
+            assert _materialize([label_stats], instance, root, key).success
+        assert _materialize([label_stats_rollup], instance, root).success
+        config = {"target_rows": 500, "dedup": True}
+        planned = _materialize([subset_plan], instance, root, config=config)
+        assert planned.success
+        [mat] = planned.asset_materializations_for_node("subset_plan")
+        plan = plans.read_plan(Storage(str(root)))
+        assert mat.metadata["rows"].value == plan["rows"] and plan["duplicates_dropped"] > 0
+        assert abs(plan["rows"] - 500) <= 3  # the tied values leave a little slack here
+
+        # the same decision again: plan.json refreshed, no new materialization, subsets kept
+        again = _materialize([subset_plan], instance, root, config=config)
+        assert again.success and not again.asset_materializations_for_node("subset_plan")
+
+        for key in list(parts)[:2]:
+            assert _materialize([coyo_labeled_300m, card_schema], instance, root, key).success
+        manifest = _materialize([subset_manifest], instance, root)
+        [check] = manifest.get_asset_check_evaluations()
+        assert not check.passed  # one planned part has no subset yet
+        assert "part-00002: planned, no subset file" in check.metadata["problems"].value
+
+        assert _materialize([coyo_labeled_300m], instance, root, "part-00002").success
+        manifest = _materialize([subset_manifest], instance, root)
+        [check] = manifest.get_asset_check_evaluations()
+        assert check.passed
+        written = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
+        assert written.height == plan["rows"] and written["id"].n_unique() == written.height
+        assert written["imagehash"].n_unique() == written.height  # deduplicated across parts
+
+        # a new plan makes the old subsets stale, and the manifest says which
+        assert _materialize([subset_plan], instance, root, config={"threshold": 0.9}).success
+        [check] = _materialize([subset_manifest], instance, root).get_asset_check_evaluations()
+        assert not check.passed
+        assert "written under plan" in check.metadata["problems"].value
+
+        # a partition the global plan never saw fails clearly instead of guessing
+        assert _materialize([subset_plan], instance, root, config=config).success
+        instance.add_dynamic_partitions("coyo_parts", ["part-00009"])
+        _write_partition(root, "part-00009", _rows(40, 9, 90_000, ["00000000000000aa"]))
+        folders = [p for p in (root / "subset_plan").iterdir() if p.is_dir()]
+        current = plans.read_plan(Storage(str(root)))["folder"].rsplit("/", 1)[-1]
+        # the current plan's files; the earlier dedup plans' are gone (the last one had none)
+        assert [p.name for p in folders] == [current]
+        lonely = _materialize([coyo_labeled_300m], instance, root, "part-00009")
+        assert not lonely.success
+        [failure] = [e for e in lonely.all_events if e.is_step_failure]
+        assert "made without part-00009" in failure.step_failure_data.error.message
+
+
+def test_bad_plan_settings_fail_before_any_work(dataset):
+    root, _ = dataset
+    with dg.instance_for_test() as instance:
+        result = _materialize(
+            [subset_plan], instance, root, config={"threshold": 0.2, "target_rows": 9}
+        )
+        assert not result.success
+        [failure] = [e for e in result.all_events if e.is_step_failure]
+        assert (
+            "give one of threshold, target_rows, target_fraction"
+            in failure.step_failure_data.error.message
+        )
+        assert not (root / "subset_plan").exists()
