@@ -37,7 +37,8 @@ HISTOGRAM_BINS = 20
 #: Fine top-1 histogram: bin ``b`` holds ``b / FINE_BINS <= p < (b + 1) / FINE_BINS`` (the last
 #: bin also holds 1.0). Bin edges are powers of two apart, so float32 values fall in bins exactly.
 FINE_BINS = 1 << 14
-#: Label files read per chunk: 24 img2dataset shards of 10,000 images, ~240k rows, ~200 MB.
+#: Label files read per chunk: 24 img2dataset shards of 10,000 images, ~240k rows (the whole
+#: stats pass peaked at about 1 GB RSS per 5M-row partition in benchmarks/stats.py).
 CHUNK_FILES = 24
 VERSION = 2
 
@@ -92,9 +93,9 @@ def index_frame(labels: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _reduce(frame: pl.DataFrame, ts: tuple[float, ...]) -> dict[str, Any]:
-    """One chunk of label rows as count tables (summed across chunks by ``_combine``)."""
-    ok = frame.filter(pl.col("error").is_null())
+def _reduce(ok: pl.DataFrame, failed: int, ts: tuple[float, ...]) -> dict[str, Any]:
+    """One chunk of labeled images (``ok``; ``failed`` others) as count tables, summed across
+    chunks by ``_combine``."""
     probs = pl.col("label_probs")
     # labels are sorted by probability, so those above t are a prefix: count them per row
     counts = ok.select(
@@ -127,7 +128,7 @@ def _reduce(frame: pl.DataFrame, ts: tuple[float, ...]) -> dict[str, Any]:
     top1 = counts["top1"]
     return {
         "images": ok.height,
-        "failed": frame.height - ok.height,
+        "failed": failed,
         "levels": levels,
         "per_image": per_image,
         "top1": counts.group_by("top1_class").len(),
@@ -193,7 +194,8 @@ def partial_aggregate(labels: pl.LazyFrame, thresholds: Sequence[float] = CARD_T
     """Reduce labeled rows (``labels``, ``label_probs``, ``error`` columns) to an aggregate."""
     ts = check_thresholds(thresholds)
     frame = labels.select("labels", "label_probs", "error").collect()
-    return _to_aggregate(_reduce(frame, ts), ts)
+    ok = frame.filter(pl.col("error").is_null())
+    return _to_aggregate(_reduce(ok, frame.height - ok.height, ts), ts)
 
 
 def aggregate_files(
@@ -214,8 +216,9 @@ def aggregate_files(
             .select("id", "imagehash", "labels", "label_probs", "error")
             .collect()
         )
-        parts.append(_reduce(frame, ts))
-        index.append(index_frame(frame.lazy()).collect())
+        ok = frame.filter(pl.col("error").is_null())  # once, for the counts and the index
+        parts.append(_reduce(ok, frame.height - ok.height, ts))
+        index.append(index_frame(ok.lazy()).collect())
         if len(parts) >= 8:  # keep the count tables small: fold them as we go
             parts = [_combine(parts)]
     if not parts:
