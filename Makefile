@@ -3,6 +3,7 @@
 # make ui:   open the Dagster UI on the same instance (http://127.0.0.1:3000)
 # make bench / bench-gpu: the labeler benchmark (benchmarks/labeler.py) on the CPU / one GPU
 # make bench-stats: label stats and the target threshold vs DuckDB (benchmarks/stats.py)
+# make bench-download: the guarded downloader vs img2dataset's own (benchmarks/download.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui lint clean bench bench-gpu bench-stats chromium
+.PHONY: demo test ui lint clean bench bench-gpu bench-stats bench-download chromium
 
 $(BIN)/coyo-platform: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,9 @@ bench-gpu: $(BIN)/coyo-platform
 
 bench-stats: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/stats.py
+
+bench-download: $(BIN)/coyo-platform
+	$(BIN)/python benchmarks/download.py
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -105,6 +105,8 @@ def run(
     sampling: dict | None = None,
     limit: int | None = None,
     image_size: int | None = None,
+    allow_networks: list[str] | None = None,
+    drop_drifted: bool = False,
     verbose: bool = False,
 ) -> list[str]:
     """Materialize the whole graph for ``parts``; returns the subset files' paths."""
@@ -119,6 +121,24 @@ def run(
         Sampling(**sampling)
     except ValueError as err:
         raise SystemExit(f"bad sampling setting: {err}") from err
+    download: dict[str, Any] = {"image_size": image_size} if image_size else {}
+    if allow_networks:
+        download["allow_networks"] = allow_networks
+    if drop_drifted:
+        download["drop_drifted"] = True
+    try:
+        from coyo_platform.core.download import DownloadSettings
+
+        DownloadSettings(**{**download, "allow_networks": ",".join(allow_networks or [])})
+    except ValueError as err:
+        raise SystemExit(f"bad download setting: {err}") from err
+    if model:
+        from coyo_platform.worker.labeler import check_model_name
+
+        try:
+            check_model_name(model)
+        except ValueError as err:
+            raise SystemExit(f"--model: {err}") from err
     if limit is not None and limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {limit}")
     if checkpoint and "://" not in checkpoint:
@@ -135,7 +155,7 @@ def run(
     label: dict[str, Any] = {k: v for k, v in chosen if v}
     configs = {
         "coyo700m_metadata": {"limit": limit} if limit else {},
-        "downloaded_shards": {"image_size": image_size} if image_size else {},
+        "downloaded_shards": download,
         "labeled_shards": label,
         "label_stats": {},
     }
@@ -174,6 +194,7 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
             model=fixtures.DEMO_MODEL,
             checkpoint=str(checkpoint),
             preset="timm",  # the tiny model's own eval size, not EfficientNetV2-XL's 512
+            allow_networks=["127.0.0.1/32"],  # the demo's image server; public-only by default
         )
 
 
@@ -197,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--class-cap", type=int, default=None, help="at most N images per class")
     r.add_argument("--limit", type=int, default=None, help="only the first N rows of each part")
     r.add_argument("--image-size", type=int, default=None, help="download size (default 512)")
+    r.add_argument(
+        "--allow-network",
+        action="append",
+        metavar="CIDR",
+        help="a non-public network downloads may reach (a private mirror); repeatable",
+    )
+    r.add_argument(
+        "--drop-drifted", action="store_true", help="drop images whose pHash left the crawl's"
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     d = sub.add_parser("demo", help="offline demo: local image server, two small parts")
     d.add_argument("--workdir", default=None, help="where fixtures go (default: a temp dir)")
@@ -220,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
             },
             limit=args.limit,
             image_size=args.image_size,
+            allow_networks=args.allow_network,
+            drop_drifted=args.drop_drifted,
             verbose=args.verbose,
         )
     else:

@@ -71,12 +71,14 @@ class LocalCompute(ComputeResource):
 
 def program_args(config: dg.Config) -> list[str]:
     """``--some-setting value`` for each setting of ``config`` that is set; booleans as
-    ``--flag`` / ``--no-flag`` (argparse's ``BooleanOptionalAction``)."""
+    ``--flag`` / ``--no-flag`` (argparse's ``BooleanOptionalAction``); lists comma-joined."""
     args: list[str] = []
     for name, value in config.model_dump().items():
         flag = name.replace("_", "-")
         if isinstance(value, bool):
             args.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):
+            args += [f"--{flag}", ",".join(str(v) for v in value)]
         elif value is not None:
             args += [f"--{flag}", str(value)]
     return args

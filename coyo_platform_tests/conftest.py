@@ -15,6 +15,7 @@ from coyo_platform import demo
 
 ROWS = 45  # rows per test part: every catalogue item at least once, several shards of 20
 SHARD_SIZE = 20
+LOOPBACK = "127.0.0.1/32"
 
 
 @dataclass
@@ -61,6 +62,7 @@ def fast_run_config(checkpoint: Path) -> dict:
                     "processes_count": 1,
                     "thread_count": 8,
                     "number_sample_per_shard": SHARD_SIZE,
+                    "allow_networks": [LOOPBACK],  # the image server; public-only by default
                 }
             },
             "labeled_shards": {

@@ -66,3 +66,18 @@ def test_stats_benchmark_prints_both_engines_the_ratio_and_agreement(tmp_path: P
     assert out.count("engines agree: ") == 2
     assert "target ratio >= 1" in out and "target ours peak RSS < 2,048 MB" in out
     assert "extrapolated to 747,000,000 rows" in out and "machine: " in out
+
+
+def test_download_benchmark_prints_both_engines_and_the_ratio():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/download.py", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for engine in ("img2dataset", "ours"):
+        [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
+        assert "peak RSS" in line
+    assert any(ln.startswith("ours / img2dataset (images per second): ") for ln in lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from coyo_platform import demo
 from coyo_platform.definitions import PIPELINE
@@ -51,14 +52,22 @@ def test_run_two_parts_with_limit(site, source: Path, tmp_path: Path):
         del os.environ["DAGSTER_HOME"]
 
 
-def test_bad_threshold_is_refused_before_any_work(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--threshold", "1.5"], "threshold must be in [0, 1]"),
+        (["--model", "tf_efficientnetv2_xxl"], "unknown model 'tf_efficientnetv2_xxl'"),
+        (["--allow-network", "intranet"], "'intranet' is not an IP network"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(tmp_path: Path, flags: list[str], message):
     done = subprocess.run(
-        [str(BIN / "coyo-platform"), "run", "--parts", "part-00000", "--threshold", "1.5"],
+        [str(BIN / "coyo-platform"), "run", "--parts", "part-00000", *flags],
         env={**os.environ, "DAGSTER_HOME": str(tmp_path / "h")},
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert done.returncode != 0
-    assert "threshold must be in [0, 1]" in done.stderr
+    assert message in done.stderr
     assert not (tmp_path / "h").exists() and not (tmp_path / "data").exists()

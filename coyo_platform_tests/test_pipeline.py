@@ -21,8 +21,8 @@ PART = "part-00000"
 EXPECTED_REASONS = {
     "http 404": "download: http 404",
     "connection refused": "download: connection refused",
-    "not an image": "resize: not an image",
-    "truncated": "resize: not an image",
+    "not an image": "not an image",
+    "truncated": "not an image",
     "image too small": "resize: image too small",
     "aspect ratio too large": "resize: aspect ratio too large",
 }
@@ -70,6 +70,10 @@ def test_one_partition_end_to_end(pipeline_run, site, source: Path):
         expected_failures[reason] = expected_failures.get(reason, 0) + n
     assert download["failures"] == expected_failures
     assert download["shards"] == -(-ROWS // SHARD_SIZE)
+    # nothing blocked (the image server is allow-listed); every photo is the one the crawl saw
+    assert download["blocked"] == 0
+    assert download["drifted"] == 0 and download["drift_rate"] == 0.0
+    assert download["phash_compared"] >= photos
     assert download["bytes_written"] > 0
 
     # labels: every downloaded image labeled, nothing failed

@@ -307,6 +307,17 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         again = _materialize([subset_plan], instance, root, config=config)
         assert again.success and not again.asset_materializations_for_node("subset_plan")
 
+        # a run killed after writing plan.json but before Dagster recorded it: the rerun of the
+        # same settings must record the plan (else the subsets would never refresh)
+        store = Storage(str(root))
+        killed = plans.make_plan(store, sorted(parts), plans.Sampling(threshold=0.5))
+        store.write_json(store.url("subset_plan", plans.PLAN_FILE), killed)
+        rerun = _materialize([subset_plan], instance, root, config={"threshold": 0.5})
+        assert rerun.success and rerun.asset_materializations_for_node("subset_plan")
+        back = _materialize([subset_plan], instance, root, config=config)
+        assert back.asset_materializations_for_node("subset_plan")
+        assert plans.read_plan(store)["digest"] == plan["digest"]
+
         for key in list(parts)[:2]:
             assert _materialize([coyo_labeled_300m, card_schema], instance, root, key).success
         manifest = _materialize([subset_manifest], instance, root)

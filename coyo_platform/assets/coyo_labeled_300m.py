@@ -52,6 +52,7 @@ def coyo_labeled_300m(
     table = table.replace_schema_metadata(
         {PLAN_DIGEST_KEY: plan["digest"], "coyo.threshold": repr(plan["threshold"])}
     )
+    store.remove_stale_temp(url)  # what a run killed while writing this file left
     store.write_parquet(url, table)
     preview = pl.from_arrow(table.slice(0, 5)).with_columns(
         pl.col("labels").list.head(3), pl.col("label_probs").list.head(3)

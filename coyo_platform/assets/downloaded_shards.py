@@ -1,7 +1,9 @@
 import dagster as dg
+from pydantic import Field
 
 from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, TRANSIENT_RETRIES
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
+from coyo_platform.core.download import MAX_PIXELS
 from coyo_platform.core.progress import download_counts
 from coyo_platform.core.storage import DOWNLOADS, METADATA
 from coyo_platform.partitions import coyo_parts
@@ -9,7 +11,8 @@ from coyo_platform.resources import ComputeResource, StorageResource, program_ar
 
 
 class DownloadConfig(dg.Config):
-    """img2dataset settings; defaults are COYO's recipe at 512 px (see core/download.py)."""
+    """Download settings; defaults are COYO's recipe at 512 px plus the safety limits (see
+    core/download.py and the README's "Security" section)."""
 
     image_size: int = 512
     min_image_size: int = 200
@@ -19,6 +22,16 @@ class DownloadConfig(dg.Config):
     number_sample_per_shard: int = 10_000
     processes_count: int | None = None  # default: one per CPU core
     thread_count: int = 64
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks the downloader may reach (tests, a private mirror), "
+        "e.g. ['10.20.0.0/16']. Empty: public addresses only.",
+    )
+    max_seconds: float = 30.0
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = MAX_PIXELS
+    drift_distance: int = 12
+    drop_drifted: bool = False
 
 
 @dg.asset(

@@ -1,3 +1,5 @@
+import urllib.parse
+
 import dagster as dg
 from pydantic import Field
 
@@ -20,9 +22,20 @@ class StatsConfig(dg.Config):
     same list for the roll-up; changing it means rematerializing all partitions' stats."""
 
 
+def carries_session_token(link: str) -> bool:
+    """Whether a presigned address holds a session token (it was signed with temporary
+    credentials: an ECS task role's, SSO's, an assumed role's). Such an address *is* a
+    credential: whoever reads it can act as the role until the token expires."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+    return any(name.lower() == "x-amz-security-token" for name in query)
+
+
 def _chart(store: Storage, agg: dict, url: str) -> dict:
-    """The chart as a PNG beside the stats JSON. The Dagster UI's markdown drops ``data:`` images,
-    so it shows the chart inline only from an http(s) address: on S3, a presigned URL (7 days)."""
+    """The chart as a PNG beside the stats JSON, recorded by its path. The Dagster UI's markdown
+    drops ``data:`` images, so it shows the chart inline only from an http(s) address: on S3, a
+    presigned URL (7 days), and only when signed with long-lived keys; under temporary
+    credentials that address would put the session token into the run's metadata, so there is
+    none (open the ``chart`` path instead)."""
     names = class_names()
     top = sorted(agg["top1_counts"].items(), key=lambda kv: (-kv[1], int(kv[0])))[:10]
     png = charts.stats_chart(agg["top1_histogram"], [(names[int(c)], n) for c, n in top])
@@ -30,7 +43,7 @@ def _chart(store: Storage, agg: dict, url: str) -> dict:
     store.write_bytes(png_url, png)
     metadata: dict = {"chart": dg.MetadataValue.path(png_url)}
     link = store.presigned_url(png_url, seconds=7 * 24 * 3600)
-    if link:
+    if link and not carries_session_token(link):
         metadata["chart_image"] = dg.MetadataValue.md(f"![top-1 histogram and classes]({link})")
     return metadata
 

@@ -32,6 +32,20 @@ class LabelConfig(dg.Config):
     """Decode JPEGs on the GPU with nvJPEG (torchvision); pHash still on the CPU."""
 
 
+def check_label_config(config: LabelConfig) -> None:
+    """The worker's own checks of these settings (a model name timm knows, the preset, the
+    activation, sizes...), run here before any program or GPU task starts: a typo fails the step
+    at once, and is not retried."""
+    from coyo_platform.worker.labeler import LabelerSettings  # torch and timm: only when run
+
+    try:
+        LabelerSettings(**{k: v for k, v in config.model_dump().items() if v is not None})
+    except ValueError as err:
+        raise dg.Failure(
+            description=f"labeled_shards: bad labeler settings: {err}", allow_retries=False
+        ) from err
+
+
 @dg.asset(
     partitions_def=coyo_parts,
     deps=[downloaded_shards],
@@ -48,6 +62,7 @@ def labeled_shards(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image."""
+    check_label_config(config)
     store, key = storage.store(), context.partition_key
     if not store.glob(store.url(DOWNLOADS, key, "*.tar")):
         raise dg.Failure(

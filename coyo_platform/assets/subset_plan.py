@@ -25,6 +25,14 @@ class PlanConfig(dg.Config):
     """At most this many images per top-1 class (its highest top-1 ones, then smallest ids)."""
 
 
+def recorded_digest(context: dg.AssetExecutionContext) -> str | None:
+    """The digest of the plan's last materialization in Dagster's event log."""
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    materialization = event.asset_materialization if event else None
+    digest = materialization.metadata.get("digest") if materialization else None
+    return digest.value if digest is not None else None
+
+
 @dg.asset(
     deps=[label_stats],
     group_name=GROUP,
@@ -52,7 +60,9 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
     plan = plans.make_plan(store, keys, sampling, log=context.log.info)
     store.write_json(store.url(PLAN, plans.PLAN_FILE), plan)
     plans.prune(store, keep=[plan["folder"], previous and previous.get("folder")])
-    if previous and previous["digest"] == plan["digest"]:
+    # compared with the last *recorded* plan, not plan.json: a run killed between writing
+    # plan.json and recording it must still record it, or the subsets would never refresh
+    if recorded_digest(context) == plan["digest"]:
         context.log.info(f"plan unchanged ({plan['digest']}): subsets stay as they are")
         return
     yield dg.MaterializeResult(

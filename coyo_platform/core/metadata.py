@@ -27,8 +27,8 @@ def copy_part(source: str, key: str, storage: Storage, limit: int | None = None)
     Nothing is written unless every check passes. ``limit`` keeps only the first N rows.
 
     Raises:
-        BadPartError: unreadable file, missing or mistyped column, no rows, or bad ids; the
-            message names the file.
+        BadPartError: unreadable file, missing or mistyped column, no rows, bad ids, or rows
+            without a URL; the message names the file.
         FileNotFoundError: no such part in ``source``.
     """
     if limit is not None and limit < 1:
@@ -52,6 +52,11 @@ def copy_part(source: str, key: str, storage: Storage, limit: int | None = None)
     if len(duplicated):
         raise BadPartError(
             f"{url}: column 'id' has {duplicated.n_unique()} duplicated id(s), e.g. {duplicated[0]}"
+        )
+    no_url = table.filter(pl.col("url").is_null() | (pl.col("url").str.strip_chars() == ""))["id"]
+    if len(no_url):
+        raise BadPartError(
+            f"{url}: column 'url' has {len(no_url)} null or empty value(s), e.g. id {no_url[0]}"
         )
     out = storage.url(METADATA, f"{key}.parquet")
     storage.write_parquet(out, table.to_arrow())

@@ -1,8 +1,9 @@
 """What is left to do, read from storage alone: which partitions have downloaded shards, and which
 finished shards have no labels yet. The sensors ask this; so can a person, without Dagster.
 
-A shard is *finished* when img2dataset has written its ``NNNNN_stats.json``: it writes that after
-the shard's tar and parquet, and its own incremental mode uses the same test. So shards that an
+A shard is *finished* when its ``NNNNN_stats.json`` exists: the downloader moves it into place
+after the shard's tar and parquet (``core/download.py``), img2dataset writes it last too, and
+img2dataset's incremental mode uses the same test. So shards that an
 img2dataset run outside Dagster (a Spark cluster, say) is still writing are never picked up.
 """
 

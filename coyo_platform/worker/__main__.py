@@ -74,23 +74,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = LabelerSettings(
-        preset=args.preset,
-        model=args.model,
-        checkpoint=args.checkpoint,
-        activation=args.activation,
-        image_size=args.image_size,
-        interpolation=args.interpolation,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        compile=args.compile,
-        channels_last=args.channels_last,
-        decode_on_device=args.decode_on_device,
-        checkpoint_cache=args.checkpoint_cache,
-    )
-    with open_reporter() as report:
+    with open_reporter() as report:  # bad settings are reported through Pipes too
+        settings = LabelerSettings(
+            preset=args.preset,
+            model=args.model,
+            checkpoint=args.checkpoint,
+            activation=args.activation,
+            image_size=args.image_size,
+            interpolation=args.interpolation,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            compile=args.compile,
+            channels_last=args.channels_last,
+            decode_on_device=args.decode_on_device,
+            checkpoint_cache=args.checkpoint_cache,
+        )
         device = settings.resolved_device()
         report.log.info(f"labeling {args.shards} with {settings.model} on {device}")
         s = label_shards(args.shards, args.output, settings, log=report.log)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import resource
 import tarfile
 import threading
@@ -157,6 +158,7 @@ class LabelerSettings:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        check_model_name(self.model)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -209,24 +211,33 @@ def local_checkpoint(url: str, cache_dir: str = CHECKPOINT_CACHE) -> str:
 
 
 def load_model(settings: LabelerSettings) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model in eval mode and its data config (with the settings' overrides applied)."""
+    """The model in eval mode and its data config (with the settings' overrides applied).
+
+    A checkpoint is read as plain weights only (:func:`read_weights`: no pickled code runs) and
+    must have the labeler's 21,843 outputs; either problem is a ``ValueError`` naming the file.
+    """
     import timm
     from timm.data import resolve_data_config
 
+    check_model_name(settings.model)
     if settings.checkpoint:
         checkpoint = local_checkpoint(settings.checkpoint, settings.checkpoint_cache)
-        try:
-            model = timm.create_model(
-                settings.model,
-                pretrained=False,
-                num_classes=NUM_MODEL_OUTPUTS,
-                checkpoint_path=checkpoint,
-            )
-        except RuntimeError as exc:
+        state_dict = read_weights(checkpoint, settings.checkpoint)
+        model = timm.create_model(settings.model, pretrained=False, num_classes=NUM_MODEL_OUTPUTS)
+        found = _classifier_outputs(model, state_dict)
+        fit = (
+            f"checkpoint {settings.checkpoint} does not fit {settings.model} "
+            f"with {NUM_MODEL_OUTPUTS} outputs"
+        )
+        if found is not None and found[1] != NUM_MODEL_OUTPUTS:
             raise ValueError(
-                f"checkpoint {settings.checkpoint} does not fit {settings.model} with "
-                f"{NUM_MODEL_OUTPUTS} outputs: {str(exc).splitlines()[0]}"
-            ) from exc
+                f"{fit}: its classifier ({found[0]}) has {found[1]:,} outputs; the labeler needs "
+                f"{NUM_MODEL_OUTPUTS:,} (ImageNet-21k in Google's ordering, e.g. {DEFAULT_MODEL})"
+            )
+        try:
+            model.load_state_dict(state_dict)  # strict, as timm's checkpoint_path loading is
+        except RuntimeError as exc:
+            raise ValueError(f"{fit}: {_first_lines(exc)}") from exc
     else:
         model = timm.create_model(settings.model, pretrained=True)
     if model.num_classes != NUM_MODEL_OUTPUTS:
@@ -247,6 +258,101 @@ def load_model(settings: LabelerSettings) -> tuple[torch.nn.Module, dict[str, An
     return model.eval(), config
 
 
+#: Model names that name a source rather than a timm architecture; they are checked when loaded.
+MODEL_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def check_model_name(name: str | None) -> str:
+    """``name`` if timm knows it (the architecture, and the pretrained tag when one is given);
+    else a ``ValueError`` naming it and the closest names timm has. Cheap: no model is built."""
+    import difflib
+
+    import timm
+
+    if not name:
+        raise ValueError("no model given: set a timm model name such as " + DEFAULT_MODEL)
+    if name.startswith(MODEL_SOURCES):
+        return name
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown model {name!r}: timm {timm.__version__} has no {arch!r}{hint}")
+    if tag:
+        tagged = timm.list_models(arch, pretrained=True)
+        if name not in tagged:
+            known = ", ".join(tagged) or "none"
+            raise ValueError(
+                f"unknown model {name!r}: no pretrained tag {tag!r}; {arch} has: {known}"
+            )
+    return name
+
+
+def read_weights(path: str, shown: str | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in a local checkpoint file, read without running any pickled code:
+    ``.safetensors``, or a torch file that ``torch.load(weights_only=True)`` accepts (plain
+    tensors and containers). timm's ``load_state_dict`` reads it (and takes a training
+    checkpoint's EMA, ``state_dict`` or ``model`` entry). ``shown`` names the file in errors.
+
+    Raises:
+        ValueError: the file needs pickled code (an object, a function) to load, and is refused;
+            or it is not weights at all.
+    """
+    from timm.models import load_state_dict
+
+    shown = shown or path
+    try:
+        return load_state_dict(path)
+    except Exception as exc:
+        unsafe = _unsafe_globals(exc)
+        if unsafe:
+            raise ValueError(
+                f"checkpoint {shown}: refused: loading it needs pickled code "
+                f"({', '.join(unsafe)}), which is never run; save the weights as safetensors or "
+                "as a plain state_dict (torch.save(model.state_dict(), path))"
+            ) from exc
+        raise ValueError(
+            f"checkpoint {shown}: cannot be read as weights (safetensors, or a plain state_dict "
+            f"that torch.load(weights_only=True) accepts; nothing else is unpickled): "
+            f"{_first_lines(exc)}"
+        ) from exc
+
+
+def _unsafe_globals(exc: BaseException | None) -> list[str]:
+    """The globals a ``weights_only`` load refused, as torch names them in its error chain
+    (``Unsupported global: GLOBAL io.open ...``, ``... unsupported GLOBAL posix.system whose
+    module posix is blocked``)."""
+    found: set[str] = set()
+    while exc is not None:
+        found.update(re.findall(r"\bGLOBAL ([\w.]+\w)", str(exc)))
+        exc = exc.__cause__ or exc.__context__
+    return sorted(found)
+
+
+def _first_lines(exc: BaseException, limit: int = 300) -> str:
+    """The innermost error in short: torch's ``Unsupported ...`` or ``size mismatch`` line, else
+    its first two lines (``Error(s) in loading state_dict ...: Missing key(s) ...``)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if "Unsupported" in line or "size mismatch" in line]
+    text = telling[0] if telling else " ".join(lines[:2]) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _classifier_outputs(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> tuple[str, int] | None:
+    """(key, outputs) of the checkpoint's classifier, the layer timm names for the model."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    for name in (names,) if isinstance(names, str) else names:
+        for key in (f"{name}.weight", f"{name}.bias"):
+            value = state_dict.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                return key, int(value.shape[0])
+    return None
+
+
 def build_transform(config: dict[str, Any]):
     """timm's eval transform for ``config`` in its prefetcher form: the whole image squashed to
     the input size (no crop), as a uint8 CHW tensor; normalization happens on the device."""
@@ -258,7 +364,9 @@ def build_transform(config: dict[str, Any]):
 def _iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a webdataset tar, streamed in order."""
     current, members = None, {}
-    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    # through Storage: S3 reads get its retry settings (throttling, dropped connections)
+    fs = Storage(url.rsplit("/", 1)[0]).fs
+    with fs.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -569,6 +677,10 @@ def label_shards(
             )
         all_shards = [s for s in all_shards if shard_name(s) in finished]
     todo = [s for s in all_shards if not out.exists(out.url(shard_name(s) + ".parquet"))]
+    # a worker killed while writing a shard's parquet left its temporary file (local disk only)
+    stale = sum(out.remove_stale_temp(out.url(shard_name(s) + ".parquet")) for s in todo)
+    if stale:
+        log.info(f"removed {stale} temporary file(s) left by a killed run")
     summary = LabelSummary(shards_skipped=len(all_shards) - len(todo))
     log.info(f"{len(all_shards)} shards, {summary.shards_skipped} already labeled")
     if not todo:

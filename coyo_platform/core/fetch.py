@@ -1,0 +1,293 @@
+"""Fetch one image URL from the hostile web: never a private address, never for too long, never
+too many bytes.
+
+img2dataset fetches with a bare ``urllib.request.urlopen``, which follows any URL anywhere: a URL
+to 169.254.169.254 reaches a cloud machine's instance-metadata service, ``file:///etc/passwd``
+reads a local file, and a server that trickles one byte every few seconds holds a thread forever.
+This module is the downloader's only way out to the web:
+
+- **Addresses.** The host name is resolved here, every address it resolves to is checked, and the
+  connection is opened to the checked address itself (so a DNS answer that changes between check
+  and connect changes nothing). Loopback, private, link-local (the metadata service), multicast,
+  reserved, unspecified and other non-global addresses are refused, IPv4-mapped IPv6 included,
+  unless an ``allow`` network names them (tests, private mirrors). Every redirect hop is a new
+  request through the same check. Only ``http`` and ``https``: no ``file:``, ``ftp:``, ``data:``.
+  Proxy variables are ignored (a proxy would connect on our behalf, past the check).
+- **Time.** ``timeout`` bounds each socket operation (connect, each read); ``max_seconds`` bounds
+  the whole fetch, redirects and a trickling body included.
+- **Size.** A ``Content-Length`` above ``max_bytes`` is refused before the body is read; a body
+  that grows past it is cut there.
+
+A failed fetch raises :class:`FetchError` with a ``status`` (see ``STATUSES`` in
+``core/download.py``) and a message. Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import io
+import ipaddress
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# img2dataset imports albumentations, whose import-time update check goes online
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+BLOCKED = "blocked"
+FAILED = "failed_to_download"
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+NOT_AN_IMAGE = "not_an_image"
+
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+MAX_REDIRECTS = 5
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class FetchError(Exception):
+    """A URL that gave no image bytes; ``status`` says which kind of failure."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """``["127.0.0.1/32", "10.1.0.0/16"]`` -> networks; a bad entry raises ValueError naming it."""
+    networks = []
+    for value in values:
+        value = value.strip()
+        if not value:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError as exc:
+            raise ValueError(
+                f"allow_networks: {value!r} is not an IP network (e.g. 10.0.0.0/8 or 127.0.0.1)"
+            ) from exc
+    return tuple(networks)
+
+
+def why_blocked(address: Address) -> str | None:
+    """Why ``address`` is no place for a downloader to go, or None for a global unicast address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None:
+            reason = why_blocked(embedded)
+            return f"{reason} (inside {address})" if reason else None
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
+        if getattr(address, f"is_{kind}"):
+            return f"{address} is a {kind.replace('_', '-')} address"
+    if not address.is_global:
+        return f"{address} is not a global address"
+    return None
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Where a fetch may connect: global addresses, plus the ``allow`` networks."""
+
+    allow: tuple[Network, ...] = ()
+
+    def check(self, address: Address) -> None:
+        if any(address in net for net in self.allow if net.version == address.version):
+            return
+        reason = why_blocked(address)
+        if reason:
+            raise FetchError(BLOCKED, f"blocked: {reason}")
+
+    def connect(self, host: str, port: int, timeout: float) -> socket.socket:
+        """Resolve ``host``, check every address, connect to a checked one."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise FetchError(FAILED, f"dns: {host}: {exc.strerror}") from None
+        for *_, sockaddr in infos:  # one private answer blocks the name: no picking and choosing
+            self.check(ipaddress.ip_address(sockaddr[0].split("%")[0]))
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        assert error is not None
+        raise error
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The response's socket stream, each wait bounded by the per-read timeout and the fetch's
+    deadline (a server trickling headers or body byte by byte is cut at the deadline)."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, timeout: float, deadline: float):
+        self._raw, self._sock, self._timeout, self._deadline = raw, sock, timeout, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:  # noqa: ANN001 - io's signature
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("response still arriving at the time limit")
+        self._sock.settimeout(min(self._timeout, left))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _Response(http.client.HTTPResponse):
+    def __init__(self, sock, *args, timeout: float, deadline: float, **kwargs) -> None:  # noqa: ANN001
+        super().__init__(sock, *args, **kwargs)
+        # keep the socket stream (it holds the socket open after urllib drops the connection)
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, timeout, deadline))
+
+
+def _connection_class(base: type, guard: Guard, deadline: float, timeout: float):
+    """http.client's connection class, with its socket from the guard and its response read
+    against the deadline."""
+
+    def connect(address, timeout, source_address=None):  # noqa: ANN001
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no connection before the time limit")
+        return guard.connect(address[0], address[1], min(timeout, left))
+
+    def make(host: str, **kwargs):
+        conn = base(host, **kwargs)
+        conn._create_connection = connect  # an instance attribute in http.client, by design
+        conn.response_class = functools.partial(_Response, timeout=timeout, deadline=deadline)
+        return conn
+
+    return make
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (urllib would load the CA bundle per connection)."""
+    return ssl.create_default_context()
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, make) -> None:  # noqa: ANN001
+        super().__init__()
+        self._make = make
+
+    def http_open(self, req):  # noqa: ANN001
+        return self.do_open(self._make, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, make, context: ssl.SSLContext) -> None:  # noqa: ANN001
+        super().__init__(context=context)
+        self._make = make
+
+    def https_open(self, req):  # noqa: ANN001
+        return self.do_open(self._make, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects (at most ``MAX_REDIRECTS``); each hop is a new, guarded request. A
+    redirect to another scheme (``file:``, ``ftp:``) is refused as blocked."""
+
+    max_redirections = MAX_REDIRECTS
+
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001
+        location = headers.get("location") or headers.get("uri") or ""
+        target = urllib.parse.urljoin(req.full_url, location)
+        if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+            fp.close()
+            raise FetchError(BLOCKED, f"blocked: redirect to a non-http(s) URL ({target[:80]})")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+@dataclass(frozen=True)
+class Fetcher:
+    """Fetch image bytes within the limits; see the module docstring."""
+
+    guard: Guard = Guard()
+    timeout: float = 10.0
+    max_seconds: float = 30.0
+    max_bytes: int = 20 * 1024 * 1024
+    disallowed_directives: frozenset[str] = frozenset(
+        {"noai", "noimageai", "noindex", "noimageindex"}
+    )
+
+    def _opener(self, deadline: float) -> urllib.request.OpenerDirector:
+        opener = urllib.request.OpenerDirector()  # no file:, ftp:, data: or proxy handlers
+        limits = (self.guard, deadline, self.timeout)
+        for handler in (
+            _HTTPHandler(_connection_class(http.client.HTTPConnection, *limits)),
+            _HTTPSHandler(_connection_class(http.client.HTTPSConnection, *limits), _tls_context()),
+            _RedirectHandler(),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            opener.add_handler(handler)
+        return opener
+
+    def fetch(self, url: str) -> bytes:
+        """The body of ``url``, or FetchError."""
+        deadline = time.monotonic() + self.max_seconds
+        scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+        if scheme not in ("http", "https"):
+            if scheme:  # file:, ftp:, gopher:, data: ... reach what a web URL must not
+                raise FetchError(BLOCKED, f"blocked: not an http(s) URL ({scheme}:)")
+            raise FetchError(FAILED, f"bad url: {str(url)[:80]!r}")
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        try:
+            with self._opener(deadline).open(request, timeout=self.timeout) as response:
+                return self._read(response)
+        except FetchError:
+            raise
+        except urllib.error.HTTPError as exc:
+            raise FetchError(FAILED, f"HTTP Error {exc.code}: {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, TimeoutError):
+                raise FetchError(TIMEOUT, f"timeout: {reason}") from None
+            raise FetchError(FAILED, str(reason)) from None
+        except TimeoutError as exc:
+            raise FetchError(TIMEOUT, f"timeout: {exc}") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise FetchError(FAILED, f"{type(exc).__name__}: {exc}") from None
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag rule
+
+        if self.disallowed_directives and is_disallowed(
+            response.headers, None, self.disallowed_directives
+        ):
+            raise FetchError(FAILED, "Use of image disallowed by X-Robots-Tag directive")
+        kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if kind.startswith("text/"):
+            raise FetchError(NOT_AN_IMAGE, f"not an image: content type {kind}")
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            raise FetchError(TOO_LARGE, f"too large: {int(length):,} bytes announced")
+        body = bytearray()
+        while True:
+            chunk = response.read1(1 << 16)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise FetchError(TOO_LARGE, f"too large: more than {self.max_bytes:,} bytes")

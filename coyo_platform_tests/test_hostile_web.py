@@ -1,0 +1,456 @@
+"""The hostile web, on loopback: a server that misbehaves in every way a 747M-URL crawl meets
+(redirects into the private network, the cloud metadata address, trickling and endless bodies,
+decompression bombs, HTML, garbage, changed images), and a second "internal" server that must
+never see a request. The real downloader program runs against them; every row's recorded status is
+checked, and no row is lost or duplicated."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import io
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import imagehash
+import polars as pl
+import pytest
+from PIL import Image
+
+from coyo_platform import demo
+from coyo_platform.core.fetch import Guard, why_blocked
+
+WEB_HOST = "127.0.0.2"  # the allowed "internet"; 127.0.0.1 stays forbidden, like a private network
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Files:
+    def __init__(self, images: Path) -> None:
+        self.photo = (images / "astronaut.jpg").read_bytes()
+        self.other = (images / "coffee.jpg").read_bytes()
+        self.tiny = (images / "tiny.jpg").read_bytes()
+        self.truncated = (images / "truncated.jpg").read_bytes()
+        # 12,000 x 8,000 = 96M pixels (above the 89.5M limit) and 20,000 x 20,000 (above PIL's
+        # own hard limit): a few KB on the wire each, gigabytes once decoded
+        self.bomb = _png(Image.new("1", (12_000, 8_000)))
+        self.bomb_hard = _png(Image.new("1", (20_000, 20_000)))
+        self.phash = {
+            name: str(imagehash.phash(Image.open(io.BytesIO(data))))
+            for name, data in (("photo", self.photo), ("other", self.other))
+        }
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    files: Files
+    hits: Counter
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, body: bytes, kind: str = "image/jpeg", headers: dict | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802, C901 - one route per misbehaviour
+        path, _, query = self.path.partition("?")
+        self.hits[path] += 1
+        f = self.files
+        try:
+            if path in ("/photo.jpg", "/photo2.jpg", "/nohash.jpg"):
+                self._send(f.photo)
+            elif path == "/changed.jpg":  # the crawl saw `photo` here; now it serves another
+                self._send(f.other)
+            elif path == "/tiny.jpg":
+                self._send(f.tiny)
+            elif path == "/truncated.jpg":
+                self._send(f.truncated)
+            elif path == "/garbage.jpg":
+                self._send(os.urandom(5000))
+            elif path == "/page.html":
+                self._send(b"<html><body>moved</body></html>", "text/html; charset=utf-8")
+            elif path == "/noai.jpg":
+                self._send(f.photo, headers={"X-Robots-Tag": "noai"})
+            elif path == "/bomb.png":
+                self._send(f.bomb, "image/png")
+            elif path == "/bomb-hard.png":
+                self._send(f.bomb_hard, "image/png")
+            elif path == "/r":  # redirect to ?to=...
+                self.send_response(302)
+                self.send_header("Location", query.removeprefix("to="))
+                self.end_headers()
+            elif path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.end_headers()
+            elif path == "/404.jpg":
+                self.send_error(404)
+            elif path == "/500.jpg":
+                self.send_error(500)
+            elif path == "/reset.jpg":  # the connection dies before any answer
+                self.connection.shutdown(2)
+            elif path == "/sleep.jpg":  # headers never come within the timeout
+                time.sleep(6)
+                self._send(f.photo)
+            elif path == "/trickle.jpg":  # a byte a second, each read within the per-read timeout
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(f.photo)))
+                self.end_headers()
+                for byte in f.photo[:20]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(1)
+            elif path == "/endless.jpg":  # no length, never ends
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.end_headers()
+                chunk = b"\xff" * 65536
+                for _ in range(2000):  # 128 MB at most, then give up on the client
+                    self.wfile.write(chunk)
+            elif path == "/huge.jpg":  # announces 10 GB
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(10**10))
+                self.end_headers()
+                self.wfile.write(b"\xff\xd8" + b"\0" * 1000)
+            else:
+                self.send_error(404)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the downloader hung up: what a cut is
+
+
+def _serve(
+    host: str, handler: type, tls: tuple[Path, Path] | None = None
+) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
+    server.daemon_threads = True
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}"
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for WEB_HOST (cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(WEB_HOST))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory):
+    images = tmp_path_factory.mktemp("hostile")
+    demo.write_images(images)
+    files = Files(images)
+    internal_hits: Counter = Counter()
+    web_hits: Counter = Counter()
+    internal = type("Internal", (Hostile,), {"files": files, "hits": internal_hits})
+    hostile = type("Web", (Hostile,), {"files": files, "hits": web_hits})
+    inside, inside_url = _serve("127.0.0.1", internal)  # stands for 169.254.169.254 / 10.x
+    outside, web_url = _serve(WEB_HOST, hostile)
+    trusted = _certificate(images, "trusted")  # the downloader trusts it (SSL_CERT_FILE)
+    secure, secure_url = _serve(WEB_HOST, hostile, tls=trusted)
+    untrusted, untrusted_url = _serve(WEB_HOST, hostile, tls=_certificate(images, "untrusted"))
+    os.environ["SSL_CERT_FILE"] = str(trusted[0])  # read by the downloader subprocesses
+    urls = {"web": web_url, "https": secure_url, "untrusted": untrusted_url}
+    yield files, urls, inside_url, internal_hits
+    os.environ.pop("SSL_CERT_FILE")
+    for server in (inside, outside, secure, untrusted):
+        server.shutdown()
+        server.server_close()
+
+
+def _cases(files: Files, urls: dict, inside: str) -> list[tuple[str, str | None, str, str]]:
+    """(url, the crawl's image_phash, expected status, expected reason) for each row."""
+    port = inside.rsplit(":", 1)[1]
+    web, tls = urls["web"], urls["https"]
+    good = files.phash["photo"]
+    return [
+        (f"{web}/photo.jpg", good, "success", ""),
+        (f"{web}/r?to={web}/photo2.jpg", good, "success", ""),
+        (f"{web}/nohash.jpg", None, "success", ""),
+        (f"{web}/changed.jpg", good, "drifted", "drifted"),
+        (f"{web}/r?to={inside}/latest/meta-data/", good, "blocked", "blocked: loopback address"),
+        (f"{web}/r?to=http://localhost:{port}/x", good, "blocked", "blocked: loopback address"),
+        (f"{web}/r?to=file:///etc/passwd", good, "blocked", "blocked: redirect to a non-http(s)"),
+        (
+            "http://169.254.169.254/latest/meta-data/iam/",
+            good,
+            "blocked",
+            "blocked: link-local address",
+        ),
+        (f"{inside}/latest/meta-data/", good, "blocked", "blocked: loopback address"),
+        (f"http://localhost:{port}/x.jpg", good, "blocked", "blocked: loopback address"),
+        (f"http://[::1]:{port}/x.jpg", good, "blocked", "blocked: loopback address"),
+        (f"http://2130706433:{port}/x.jpg", good, "blocked", "blocked: loopback address"),
+        (f"http://[::ffff:127.0.0.1]:{port}/x", good, "blocked", "blocked: loopback address"),
+        ("http://10.0.0.1/x.jpg", good, "blocked", "blocked: private address"),
+        ("http://0.0.0.0/x.jpg", good, "blocked", "blocked: unspecified address"),
+        ("file:///etc/passwd", good, "blocked", "blocked: not an http(s) URL"),
+        (f"{web}/loop", good, "failed_to_download", "download: http 302"),
+        (f"{web}/404.jpg", good, "failed_to_download", "download: http 404"),
+        (f"{web}/500.jpg", good, "failed_to_download", "download: http 500"),
+        (f"{web}/reset.jpg", good, "failed_to_download", "download: connection reset"),
+        (f"{web}/noai.jpg", good, "failed_to_download", "download: disallowed by X-Robots-Tag"),
+        (f"{web}/sleep.jpg", good, "timeout", "timeout"),
+        (f"{web}/trickle.jpg", good, "timeout", "timeout"),
+        (f"{web}/endless.jpg", good, "too_large", "too large"),
+        (f"{web}/huge.jpg", good, "too_large", "too large"),
+        (f"{web}/bomb.png", good, "decompression_bomb", "decompression bomb"),
+        (f"{web}/bomb-hard.png", good, "decompression_bomb", "decompression bomb"),
+        (f"{web}/page.html", good, "not_an_image", "not an image"),
+        (f"{web}/garbage.jpg", good, "not_an_image", "not an image"),
+        (f"{web}/truncated.jpg", good, "not_an_image", "not an image"),
+        (f"{web}/tiny.jpg", good, "failed_to_resize", "resize: image too small"),
+        # the same over TLS: the guard, the deadline and the size cut hold there too
+        (f"{tls}/photo.jpg", good, "success", ""),
+        (f"{web}/r?to={tls}/photo2.jpg", good, "success", ""),
+        (f"{tls}/r?to={inside}/latest/", good, "blocked", "blocked: loopback address"),
+        (f"{tls}/trickle.jpg", good, "timeout", "timeout"),
+        (f"{tls}/endless.jpg", good, "too_large", "too large"),
+        (f"{urls['untrusted']}/photo.jpg", good, "failed_to_download", "download: tls"),
+    ]
+
+
+def _part(tmp: Path, rows: list[tuple[str, str | None, str, str]]) -> Path:
+    frame = demo.make_part(tmp, [demo.Item("x.jpg", "photo")], "http://unused", len(rows), 10**12)
+    frame = frame.with_columns(
+        pl.Series("url", [r[0] for r in rows]),
+        pl.Series("image_phash", [r[1] for r in rows], dtype=pl.String),
+    )
+    path = tmp / "part.parquet"
+    frame.write_parquet(path)
+    return path
+
+
+def _download(part: Path, out: Path, *extra: str) -> dict:
+    """Run the downloader program; its report (printed as JSON outside Dagster)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "coyo_platform.downloader",
+        "--metadata",
+        str(part),
+        "--output",
+        str(out),
+        "--processes-count",
+        "1",
+        "--thread-count",
+        "16",
+        "--number-sample-per-shard",
+        "12",
+        "--retries",
+        "0",
+        "--timeout",
+        "2",
+        "--max-seconds",
+        "4",
+        "--max-bytes",
+        str(4 * 1024 * 1024),
+        "--allow-networks",
+        f"{WEB_HOST}/32",
+        *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{") :])
+
+
+def _rows(out: Path) -> pl.DataFrame:
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == len(list(out.glob("*_stats.json")))
+    return pl.concat([pl.read_parquet(f) for f in files])
+
+
+def _tar_ids(out: Path) -> list[int]:
+    ids = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    ids.append(json.load(t.extractfile(m))["id"])
+    return ids
+
+
+def test_every_misbehaviour_gets_its_status_and_no_row_is_lost(web, tmp_path: Path):
+    files, urls, inside_url, internal_hits = web
+    cases = _cases(files, urls, inside_url)
+    part = _part(tmp_path, cases)
+    ids = pl.read_parquet(part)["id"].to_list()
+    report = _download(part, tmp_path / "out", "--drop-drifted")
+
+    rows = _rows(tmp_path / "out")
+    assert sorted(rows["id"]) == sorted(ids), "every input row exactly once"
+    by_id = {r["id"]: r for r in rows.iter_rows(named=True)}
+    wrong = []
+    for (url, _, status, _reason), i in zip(cases, ids, strict=True):
+        row = by_id[i]
+        if row["status"] != status:
+            wrong.append((url, status, row["status"], row["error_message"]))
+    assert not wrong, wrong
+
+    # the private side never saw a request: not directly, not by redirect, not by name
+    assert sum(internal_hits.values()) == 0, internal_hits
+
+    # only successes are in the tars, each once
+    success = sorted(i for (_, _, s, _), i in zip(cases, ids, strict=True) if s == "success")
+    assert sorted(_tar_ids(tmp_path / "out")) == success
+
+    # the drift distance is kept; the crawl's hash missing -> no distance
+    assert by_id[ids[0]]["phash_distance"] == 0
+    assert by_id[ids[2]]["phash_distance"] is None
+    assert by_id[ids[3]]["phash_distance"] > 12
+
+    # what the UI shows: statuses, reasons, blocked and drift figures
+    expected = Counter(s for _, _, s, _ in cases)
+    assert report["by_status"] == dict(expected)
+    assert report["blocked"] == expected["blocked"]
+    assert report["attempted"] == len(cases) and report["succeeded"] == expected["success"]
+    reasons = Counter()
+    for _, _, status, reason in cases:
+        if status != "success":
+            reasons[reason] += 1
+    for reason, n in reasons.items():
+        got = sum(v for k, v in report["failures"].items() if k.startswith(reason))
+        assert got == n, (reason, report["failures"])
+    # images that decoded and have a crawl hash: four successes, the drifted one, the tiny one
+    assert report["phash_compared"] == 6
+    assert report["drifted"] == 1 and report["drift_rate"] == pytest.approx(1 / 6, abs=1e-4)
+
+
+def test_drifted_images_are_kept_unless_asked_and_counted_either_way(web, tmp_path: Path):
+    files, urls, inside_url, _ = web
+    cases = [c for c in _cases(files, urls, inside_url)[:4] if c[2] in ("success", "drifted")]
+    part = _part(tmp_path, cases)
+    report = _download(part, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    assert rows["status"].to_list().count("success") == len(cases)
+    assert report["drifted"] == 1 and report["drifted_dropped"] is False
+    assert report["drift_rate"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_a_rerun_after_everything_failed_keeps_every_row_once(web, tmp_path: Path):
+    """Shards are done once written: a rerun changes nothing and duplicates nothing."""
+    files, urls, inside_url, _ = web
+    part = _part(tmp_path, _cases(files, urls, inside_url)[:14])
+    out = tmp_path / "out"
+    _download(part, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    report = _download(part, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert report["shards_this_run"] == 0 and report["attempted"] == 14
+    assert _rows(out)["id"].is_unique().all()
+
+
+@pytest.mark.parametrize(
+    ("address", "blocked"),
+    [
+        ("169.254.169.254", "link-local"),  # AWS/GCP/Azure instance metadata
+        ("fd00:ec2::254", "private"),  # AWS metadata over IPv6
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("100.64.0.1", "not a global"),  # carrier-grade NAT
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("::ffff:169.254.169.254", "link-local"),  # IPv4-mapped
+        ("2002:a9fe:a9fe::", "link-local"),  # 6to4 wrapping 169.254.169.254
+        ("fe80::1", "link-local"),
+        ("8.8.8.8", None),
+        ("2606:4700:4700::1111", None),
+    ],
+)
+def test_which_addresses_are_refused(address: str, blocked: str | None):
+    reason = why_blocked(ipaddress.ip_address(address))
+    assert (reason is None) if blocked is None else (blocked in reason), reason
+
+
+def test_the_allow_list_opens_only_what_it_names():
+    guard = Guard((ipaddress.ip_network("10.20.0.0/16"),))
+    guard.check(ipaddress.ip_address("10.20.3.4"))
+    with pytest.raises(Exception, match="private"):
+        guard.check(ipaddress.ip_address("10.21.0.1"))
+    with pytest.raises(Exception, match="link-local"):
+        guard.check(ipaddress.ip_address("169.254.169.254"))
+
+
+def test_a_bad_allow_list_is_refused_before_any_download(tmp_path: Path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coyo_platform.downloader",
+            "--metadata",
+            str(tmp_path / "none.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--allow-networks",
+            "10.0.0.0/8,intranet",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "allow_networks: 'intranet' is not an IP network" in done.stderr
+    assert not (tmp_path / "out").exists()
