@@ -63,6 +63,8 @@ class Files:
 class Hostile(http.server.BaseHTTPRequestHandler):
     files: Files
     hits: Counter
+    gate: threading.Event = threading.Event()  # /gate.jpg answers once the test sets it
+    web_hits: Counter
 
     def log_message(self, *args: object) -> None:
         pass
@@ -132,6 +134,22 @@ class Hostile(http.server.BaseHTTPRequestHandler):
                 chunk = b"\xff" * 65536
                 for _ in range(2000):  # 128 MB at most, then give up on the client
                     self.wfile.write(chunk)
+            elif path == "/r-body":  # a redirect whose own body announces 10^20 bytes
+                self.send_response(302)
+                self.send_header("Location", "/photo.jpg")
+                self.send_header("Content-Length", str(10**20))
+                self.end_headers()
+                self.wfile.write(b"x" * 1000)
+            elif path == "/short.jpg":  # the connection ends halfway through the body
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(f.photo)))
+                self.end_headers()
+                self.wfile.write(f.photo[: len(f.photo) // 2])
+                self.close_connection = True
+            elif path == "/gate.jpg":
+                self.gate.wait()
+                self._send(f.photo)
             elif path == "/huge.jpg":  # announces 10 GB
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
@@ -203,6 +221,7 @@ def web(tmp_path_factory: pytest.TempPathFactory):
     web_hits: Counter = Counter()
     internal = type("Internal", (Hostile,), {"files": files, "hits": internal_hits})
     hostile = type("Web", (Hostile,), {"files": files, "hits": web_hits})
+    Hostile.web_hits = web_hits
     inside, inside_url = _serve("127.0.0.1", internal)  # stands for 169.254.169.254 / 10.x
     outside, web_url = _serve(WEB_HOST, hostile)
     trusted = _certificate(images, "trusted")  # the downloader trusts it (SSL_CERT_FILE)
@@ -259,6 +278,10 @@ def _cases(files: Files, urls: dict, inside: str) -> list[tuple[str, str | None,
         (f"{web}/garbage.jpg", good, "not_an_image", "not an image"),
         (f"{web}/truncated.jpg", good, "not_an_image", "not an image"),
         (f"{web}/tiny.jpg", good, "failed_to_resize", "resize: image too small"),
+        (f"{web}/r-body", good, "success", ""),  # a redirect's body is never read
+        (f"{web}/short.jpg", good, "failed_to_download", "download: incomplete body"),
+        ("http://[::1", good, "failed_to_download", "download: bad url"),  # malformed URLs
+        ("http://ex\uff03ample.com/a.jpg", good, "failed_to_download", "download: bad url"),
         # the same over TLS: the guard, the deadline and the size cut hold there too
         (f"{tls}/photo.jpg", good, "success", ""),
         (f"{web}/r?to={tls}/photo2.jpg", good, "success", ""),
@@ -370,9 +393,9 @@ def test_every_misbehaviour_gets_its_status_and_no_row_is_lost(web, tmp_path: Pa
     for reason, n in reasons.items():
         got = sum(v for k, v in report["failures"].items() if k.startswith(reason))
         assert got == n, (reason, report["failures"])
-    # images that decoded and have a crawl hash: four successes, the drifted one, the tiny one
-    assert report["phash_compared"] == 6
-    assert report["drifted"] == 1 and report["drift_rate"] == pytest.approx(1 / 6, abs=1e-4)
+    # images that decoded and have a crawl hash: five successes, the drifted one, the tiny one
+    assert report["phash_compared"] == 7
+    assert report["drifted"] == 1 and report["drift_rate"] == pytest.approx(1 / 7, abs=1e-4)
 
 
 def test_drifted_images_are_kept_unless_asked_and_counted_either_way(web, tmp_path: Path):
@@ -409,7 +432,7 @@ def test_a_rerun_after_everything_failed_keeps_every_row_once(web, tmp_path: Pat
         ("10.1.2.3", "private"),
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
-        ("100.64.0.1", "not a global"),  # carrier-grade NAT
+        ("100.64.0.1", "non-global"),  # carrier-grade NAT
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
         ("240.0.0.1", "reserved"),
@@ -454,3 +477,90 @@ def test_a_bad_allow_list_is_refused_before_any_download(tmp_path: Path):
     assert done.returncode != 0
     assert "allow_networks: 'intranet' is not an IP network" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gated_part(tmp: Path, files: Files, urls: dict) -> Path:
+    web, good = urls["web"], files.phash["photo"]
+    rows = [(f"{web}/photo.jpg?v={i}", good, "success", "") for i in range(11)]
+    return _part(tmp, [*rows, (f"{web}/gate.jpg", good, "success", "")])
+
+
+def test_a_download_process_killed_fails_the_run_clearly_and_a_rerun_finishes(web, tmp_path):
+    """A pool process killed (the OOM killer, a crashing decoder) fails the run with a message,
+    instead of hanging it; the rerun finishes with every row once."""
+    files, urls, _, _ = web
+    part, out = _gated_part(tmp_path, files, urls), tmp_path / "out"
+    Hostile.gate.clear()
+    cmd = [sys.executable, "-m", "coyo_platform.downloader", "--metadata", str(part),
+           "--output", str(out), "--processes-count", "1", "--thread-count", "4",
+           "--number-sample-per-shard", "6", "--allow-networks", f"{WEB_HOST}/32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not Hostile.web_hits["/gate.jpg"]:  # shard 1 is in flight
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        [worker] = [c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)]
+        os.kill(worker, 9)
+        _, err = proc.communicate()
+    finally:
+        Hostile.gate.set()
+    assert proc.returncode != 0
+    assert "a download process died" in err and "rerun to resume" in err
+    # the same settings again: the finished shard is kept, the other one is done whole
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads(again.stdout[again.stdout.index("{") :])
+    assert report["attempted"] == 12 and report["succeeded"] == 12
+    assert _rows(out)["id"].is_unique().all() and not (out / "_tmp").exists()
+
+    # other shard sizes would cut the part differently: refused, nothing changed
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = cmd[: cmd.index("--number-sample-per-shard") + 1] + ["5", *cmd[-2:]]
+    refused = subprocess.run(other, capture_output=True, text=True, check=False)
+    assert refused.returncode != 0
+    assert "holds 6 rows, but number_sample_per_shard=5" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_a_second_downloader_on_the_same_folder_is_refused(web, tmp_path: Path):
+    import fcntl
+
+    files, urls, _, _ = web
+    part, out = _gated_part(tmp_path, files, urls), tmp_path / "out"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)  # as a running downloader holds it
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coyo_platform.downloader",
+                "--metadata",
+                str(part),
+                "--output",
+                str(out),
+                "--allow-networks",
+                f"{WEB_HOST}/32",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(holder)
+    assert done.returncode != 0
+    assert f"another downloader is writing {out}" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == []

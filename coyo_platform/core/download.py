@@ -23,7 +23,11 @@ Imports no ``dagster``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import functools
+import hashlib
 import io
 import json
 import math
@@ -34,11 +38,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from threading import Semaphore
@@ -110,6 +117,11 @@ class DownloadSettings:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.max_pixels > 2 * MAX_PIXELS:
+            raise ValueError(
+                f"max_pixels must be <= {2 * MAX_PIXELS:,} (PIL refuses larger images itself), "
+                f"got {self.max_pixels:,}"
+            )
         if not 0 <= self.drift_distance <= 64:
             raise ValueError(f"drift_distance must be in [0, 64] (bits), got {self.drift_distance}")
         fetch.parse_networks(self.allow_networks.split(","))
@@ -223,38 +235,54 @@ def inspect(data: bytes, crawl_phash: str | None, max_pixels: int) -> Fetched:
     import imagehash
     from PIL import Image
 
+    _quiet_pil()
     out = Fetched(key=-1, data=data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        return Fetched(-1, None, DECOMPRESSION_BOMB, f"decompression bomb: {exc}")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for non-images
+        return Fetched(-1, None, fetch.NOT_AN_IMAGE, f"not an image: {type(exc).__name__}")
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            return Fetched(
+                -1,
+                None,
+                DECOMPRESSION_BOMB,
+                f"decompression bomb: {width} x {height} pixels, more than {max_pixels:,}",
+            )
         try:
-            img = Image.open(io.BytesIO(data))  # reads the header only
-        except Image.DecompressionBombError as exc:
-            return Fetched(-1, None, DECOMPRESSION_BOMB, f"decompression bomb: {exc}")
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for non-images
-            return Fetched(-1, None, fetch.NOT_AN_IMAGE, f"not an image: {type(exc).__name__}")
-        with img:
-            width, height = img.size
-            if width * height > max_pixels:
-                return Fetched(
-                    -1,
-                    None,
-                    DECOMPRESSION_BOMB,
-                    f"decompression bomb: {width} x {height} pixels, more than {max_pixels:,}",
-                )
-            try:
+            with _DECODES:
                 img.draft("L", (128, 128))
                 out.phash = str(imagehash.phash(img))
-            except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
-                return Fetched(-1, None, fetch.NOT_AN_IMAGE, f"not an image: {exc}"[:200])
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+            return Fetched(-1, None, fetch.NOT_AN_IMAGE, f"not an image: {exc}"[:200])
     out.distance = hamming(out.phash, crawl_phash)
     return out
 
 
-def _die_with_parent() -> None:
+#: Full decodes at once per process: a PNG or WebP (no draft mode) of up to ``max_pixels`` takes
+#: about 3 bytes a pixel while hashed; the fetch threads wait here rather than exhaust memory.
+_DECODES = threading.BoundedSemaphore(4)
+
+
+@functools.cache
+def _quiet_pil() -> None:
+    """PIL warns above its pixel limit; ``max_pixels`` decides here (once per process: warning
+    filters are process-wide and not thread-safe to change per call)."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _die_with_parent(parent: int) -> None:
     """Pool processes end when the downloader dies (SIGKILL included): an orphan left writing
     shards would race the rerun. Linux's PR_SET_PDEATHSIG; elsewhere, nothing."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above: too late for it
+            os._exit(1)
 
 
 class ShardDownloader:
@@ -300,8 +328,8 @@ class ShardDownloader:
                 data = fetcher.fetch(url)
             except fetch.FetchError as exc:
                 result = Fetched(key, None, exc.status, exc.message)
-                if exc.status in (fetch.FAILED, fetch.TIMEOUT):
-                    continue  # worth another try; blocked/too large/not an image are not
+                if exc.transient:
+                    continue  # a timeout, a 5xx, a reset; not a 404, a blocked URL, a bad TLS cert
                 return result
             result = inspect(data, crawl_phash, settings.max_pixels)
             result.key = key
@@ -339,12 +367,8 @@ class ShardDownloader:
         ):
             schema = schema.append(pa.field(name, kind))
 
-        local = "://" not in self.output or self.output.startswith("file://")
-        staging = (
-            os.path.join(self.output, "_tmp", f"shard-{shard_id}-{uuid.uuid4().hex}")
-            if local
-            else tempfile.mkdtemp(prefix=f"coyo-shard-{shard_id}-")
-        )
+        local = _is_local(self.output)
+        staging = os.path.join(staging_root(self.output), f"shard-{shard_id}-{uuid.uuid4().hex}")
         os.makedirs(staging, exist_ok=True)
         try:
             counts, reasons = self._write_shard(
@@ -385,16 +409,24 @@ class ShardDownloader:
         reasons: Counter[str] = Counter()
         in_flight = Semaphore(self.settings.thread_count * 2)  # bounds images held in memory
 
+        stop = threading.Event()
+
         def todo():
             for key, row in enumerate(rows):
                 in_flight.acquire()
+                if stop.is_set():
+                    return
                 yield key, row
 
         def work(item):  # noqa: ANN001
             key, row = item
-            return self._fetch(fetcher, key, row[url_at], row[phash_at])
+            try:
+                return self._fetch(fetcher, key, row[url_at], row[phash_at])
+            except Exception as exc:  # noqa: BLE001 - one URL's surprise is that row's failure
+                return Fetched(key, None, fetch.FAILED, f"{type(exc).__name__}: {exc}"[:200])
 
-        with ThreadPool(self.settings.thread_count) as threads:
+        threads = ThreadPool(self.settings.thread_count)
+        try:
             for got in threads.imap_unordered(work, todo()):
                 try:
                     row = rows[got.key]
@@ -434,23 +466,54 @@ class ShardDownloader:
                     writer.write(image, meta["key"], row[caption_at], meta)
                 finally:
                     in_flight.release()
+        except BaseException:
+            stop.set()  # unblock the feeder, so the pool can shut down and the error surface
+            for _ in range(self.settings.thread_count * 2 + 1):
+                in_flight.release()
+            raise
+        finally:
+            threads.terminate()
+            threads.join()
         writer.close()
         return counts, reasons
 
     def _commit(self, name: str, staging: str, local: bool) -> None:
         """Move the shard's files into place, ``_stats.json`` last (the "done" mark)."""
         storage = Storage(self.output)  # S3: its retry settings for throttling and drops
-        for file in (f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"):
+        files = (f"{name}.tar", f"{name}.parquet", f"{name}_stats.json")
+        if local:  # on disk before the renames: a power cut cannot leave a done, empty shard
+            for file in files:
+                with open(os.path.join(staging, file), "rb") as fh:
+                    os.fsync(fh.fileno())
+        for file in files:
             if local:
                 os.replace(os.path.join(staging, file), os.path.join(storage.root, file))
             else:  # an object appears only once its upload completes
                 storage.fs.put_file(os.path.join(staging, file), storage.url(file))
+        if local:
+            folder = os.open(storage.root, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the renames themselves
+            finally:
+                os.close(folder)
+
+
+def _is_local(output: str) -> bool:
+    return "://" not in output
+
+
+def staging_root(output: str) -> str:
+    """Where shards are built before they move into place: ``<output>/_tmp`` on a local disk
+    (a rename away), else one local folder per output URL (an upload away)."""
+    if _is_local(output):
+        return os.path.join(output, "_tmp")
+    digest = hashlib.sha1(output.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "coyo-staging", digest)
 
 
 def _clear_staging(output: str) -> None:
-    """Remove ``<output>/_tmp``, where shards are staged on a local disk (S3 stages locally)."""
-    if "://" not in output or output.startswith("file://"):
-        shutil.rmtree(os.path.join(output.removeprefix("file://"), "_tmp"), ignore_errors=True)
+    """Remove what a killed run staged (local disk or, for S3, this machine's temp folder)."""
+    shutil.rmtree(staging_root(output), ignore_errors=True)
 
 
 def run_shards(
@@ -469,9 +532,10 @@ def run_shards(
 
     fs, out = fsspec.core.url_to_fs(output)
     fs.makedirs(out, exist_ok=True)
-    _clear_staging(output)  # a killed run's staging
-    done = {int(os.path.basename(p).split("_")[0]) for p in fs.glob(f"{out}/*_stats.json")}
-    with tempfile.TemporaryDirectory(prefix="coyo-download-") as tmp:
+    with _exclusive(output), tempfile.TemporaryDirectory(prefix="coyo-download-") as tmp:
+        _clear_staging(output)  # a killed run's staging
+        names = (os.path.basename(p).split("_")[0] for p in fs.glob(f"{out}/*_stats.json"))
+        done = {int(n) for n in names if n.isdigit()}
         reader = Reader(
             metadata_url,
             "parquet",
@@ -487,21 +551,53 @@ def run_shards(
         )
         shard = ShardDownloader(output, settings, reader.column_list)
         failed: list[tuple[int, str]] = []
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(settings.processes_count, initializer=_die_with_parent) as pool:
-            todo: list = list(reader)
+        todo: list = list(reader)
+        with ProcessPoolExecutor(
+            settings.processes_count,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             for _attempt in range(2):  # img2dataset's max_shard_retry=1
                 failed = []
-                for ok, row, counts in pool.imap_unordered(shard, todo):
-                    if ok and on_shard is not None:
-                        on_shard(row[0], counts)
-                    if not ok:
-                        failed.append(row)
+                try:
+                    for ok, row, counts in pool.map(shard, todo):
+                        if ok and on_shard is not None:
+                            on_shard(row[0], counts)
+                        if not ok:
+                            failed.append(row)
+                except BrokenProcessPool as exc:  # killed by the OOM killer, or a decoder crash
+                    raise RuntimeError(
+                        f"a download process died (out of memory? a crashing decoder?) while "
+                        f"writing {output}; finished shards are kept, rerun to resume"
+                    ) from exc
                 if not failed:
                     break
                 todo = failed
-    _clear_staging(output)
+        _clear_staging(output)
     return sorted(row[0] for row in failed)
+
+
+@contextlib.contextmanager
+def _exclusive(output: str) -> Iterator[None]:
+    """One downloader per local output folder at a time (an flock on the folder itself, which
+    the kernel drops when the holder dies): a second one, or one left running by a killed
+    parent, would commit the same shards. S3 outputs have no such lock; Dagster runs one
+    materialization of a partition at a time."""
+    if not _is_local(output):
+        yield
+        return
+    folder = os.open(output, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another downloader is writing {output}; stop it (or wait) and rerun"
+            ) from None
+        yield
+    finally:
+        os.close(folder)
 
 
 def summarize(
@@ -553,6 +649,26 @@ def summarize(
     )
 
 
+def _check_shard_size(
+    storage: Storage, done: list[str], rows: int, settings: DownloadSettings
+) -> None:
+    """Shards already there must have been cut like this run cuts them, or rows would be lost or
+    doubled: read the first finished shard's row count."""
+    if not done:
+        return
+    first = done[0]
+    shard_id = int(os.path.basename(first).split("_")[0])
+    size = settings.number_sample_per_shard
+    expected = min(size, rows - shard_id * size)
+    count = storage.read_json(first).get("count")
+    if count != expected:
+        raise ValueError(
+            f"{first} holds {count} rows, but number_sample_per_shard={size} makes that shard "
+            f"{max(expected, 0)} rows: rerun with the setting the folder was started with, or "
+            f"delete {os.path.dirname(first)} to start over"
+        )
+
+
 def download_partition(
     storage: Storage,
     metadata_url: str,
@@ -563,6 +679,7 @@ def download_partition(
     """Download (or resume) a partition; raise if shards are left unfinished."""
     rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
     before = done_shards(storage, output)
+    _check_shard_size(storage, sorted(before), rows, settings)
     start = time.monotonic()
     if len(before) < expected_shards(rows, settings):
         run_shards(metadata_url, output, settings, on_shard)

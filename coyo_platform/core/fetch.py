@@ -49,18 +49,21 @@ NOT_AN_IMAGE = "not_an_image"
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 MAX_REDIRECTS = 5
+MAX_ADDRESSES = 4  # of a DNS answer, tried in turn; the rest are checked but not tried
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class FetchError(Exception):
-    """A URL that gave no image bytes; ``status`` says which kind of failure."""
+    """A URL that gave no image bytes; ``status`` says which kind of failure, ``transient``
+    whether another try may do better (a timeout, a 503, a reset; not a 404 or a blocked URL)."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.transient = transient
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -86,11 +89,13 @@ def why_blocked(address: Address) -> str | None:
         if embedded is not None:
             reason = why_blocked(embedded)
             return f"{reason} (inside {address})" if reason else None
-    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
-        if getattr(address, f"is_{kind}"):
-            return f"{address} is a {kind.replace('_', '-')} address"
+    kinds = ("loopback", "link_local", "site_local", "unspecified", "multicast", "reserved")
+    for kind in (*kinds, "private"):
+        if getattr(address, f"is_{kind}", False):
+            article = "an" if kind == "unspecified" else "a"
+            return f"{address} is {article} {kind.replace('_', '-')} address"
     if not address.is_global:
-        return f"{address} is not a global address"
+        return f"{address} is a non-global address"
     return None
 
 
@@ -107,25 +112,32 @@ class Guard:
         if reason:
             raise FetchError(BLOCKED, f"blocked: {reason}")
 
-    def connect(self, host: str, port: int, timeout: float) -> socket.socket:
-        """Resolve ``host``, check every address, connect to a checked one."""
+    def connect(self, host: str, port: int, timeout: float, deadline: float) -> socket.socket:
+        """Resolve ``host``, check every address, connect to a checked one (at most
+        ``MAX_ADDRESSES`` tried, each within the per-read timeout and the fetch's deadline).
+
+        The system resolver has no timeout of its own: a slow DNS answer can outlast the
+        deadline (img2dataset's advice for a crawl is a local caching resolver)."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise FetchError(FAILED, f"dns: {host}: {exc.strerror}") from None
+            transient = exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None))
+            raise FetchError(FAILED, f"dns: {host}: {exc.strerror}", transient) from None
         for *_, sockaddr in infos:  # one private answer blocks the name: no picking and choosing
             self.check(ipaddress.ip_address(sockaddr[0].split("%")[0]))
-        error: OSError | None = None
-        for family, kind, proto, _, sockaddr in infos:
+        error: OSError = TimeoutError("no connection before the time limit")
+        for family, kind, proto, _, sockaddr in infos[:MAX_ADDRESSES]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             sock = socket.socket(family, kind, proto)
             try:
-                sock.settimeout(timeout)
+                sock.settimeout(min(timeout, left))  # also bounds the TLS handshake after
                 sock.connect(sockaddr)
                 return sock
             except OSError as exc:
                 sock.close()
                 error = exc
-        assert error is not None
         raise error
 
 
@@ -166,7 +178,7 @@ def _connection_class(base: type, guard: Guard, deadline: float, timeout: float)
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no connection before the time limit")
-        return guard.connect(address[0], address[1], min(timeout, left))
+        return guard.connect(address[0], address[1], timeout, deadline)
 
     def make(host: str, **kwargs):
         conn = base(host, **kwargs)
@@ -210,10 +222,10 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001
         location = headers.get("location") or headers.get("uri") or ""
         target = urllib.parse.urljoin(req.full_url, location)
+        fp.close()  # urllib would read the redirect's whole body, unbounded: never read it
         if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-            fp.close()
             raise FetchError(BLOCKED, f"blocked: redirect to a non-http(s) URL ({target[:80]})")
-        return super().http_error_302(req, fp, code, msg, headers)
+        return super().http_error_302(req, io.BytesIO(), code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
@@ -247,28 +259,39 @@ class Fetcher:
     def fetch(self, url: str) -> bytes:
         """The body of ``url``, or FetchError."""
         deadline = time.monotonic() + self.max_seconds
-        scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
-        if scheme not in ("http", "https"):
-            if scheme:  # file:, ftp:, gopher:, data: ... reach what a web URL must not
-                raise FetchError(BLOCKED, f"blocked: not an http(s) URL ({scheme}:)")
-            raise FetchError(FAILED, f"bad url: {str(url)[:80]!r}")
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         try:
+            try:
+                scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+            except ValueError as exc:  # "http://[::1", a host NFKC-normalizing to a new one
+                raise FetchError(FAILED, f"bad url: {exc}") from None
+            if scheme not in ("http", "https"):
+                if scheme:  # file:, ftp:, gopher:, data: ... reach what a web URL must not
+                    raise FetchError(BLOCKED, f"blocked: not an http(s) URL ({scheme}:)")
+                raise FetchError(FAILED, f"bad url: {str(url)[:80]!r}")
+            try:
+                request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+                urllib.parse.urlsplit(url).port  # noqa: B018 - raises on a bad port
+            except ValueError as exc:
+                raise FetchError(FAILED, f"bad url: {exc}") from None
             with self._opener(deadline).open(request, timeout=self.timeout) as response:
                 return self._read(response)
         except FetchError:
             raise
         except urllib.error.HTTPError as exc:
-            raise FetchError(FAILED, f"HTTP Error {exc.code}: {exc.reason}") from None
+            transient = exc.code >= 500 or exc.code in (408, 429)
+            raise FetchError(FAILED, f"HTTP Error {exc.code}: {exc.reason}", transient) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, TimeoutError):
-                raise FetchError(TIMEOUT, f"timeout: {reason}") from None
-            raise FetchError(FAILED, str(reason)) from None
+                raise FetchError(TIMEOUT, f"timeout: {reason}", True) from None
+            transient = isinstance(reason, ConnectionError)  # refused, reset; not TLS, not a URL
+            raise FetchError(FAILED, str(reason), transient) from None
         except TimeoutError as exc:
-            raise FetchError(TIMEOUT, f"timeout: {exc}") from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise FetchError(FAILED, f"{type(exc).__name__}: {exc}") from None
+            raise FetchError(TIMEOUT, f"timeout: {exc}", True) from None
+        except (ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
+            raise FetchError(FAILED, f"{type(exc).__name__}: {exc}", True) from None
+        except Exception as exc:  # noqa: BLE001 - a malformed URL or reply is this row's failure
+            raise FetchError(FAILED, f"{type(exc).__name__}: {str(exc)[:160]}") from None
 
     def _read(self, response: http.client.HTTPResponse) -> bytes:
         from img2dataset.downloader import is_disallowed  # img2dataset's X-Robots-Tag rule
@@ -280,13 +303,15 @@ class Fetcher:
         kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if kind.startswith("text/"):
             raise FetchError(NOT_AN_IMAGE, f"not an image: content type {kind}")
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
-            raise FetchError(TOO_LARGE, f"too large: {int(length):,} bytes announced")
+        if response.length is not None and response.length > self.max_bytes:
+            raise FetchError(TOO_LARGE, f"too large: {response.length:,} bytes announced")
         body = bytearray()
         while True:
             chunk = response.read1(1 << 16)
             if not chunk:
+                if response.length:  # the connection ended before the announced length
+                    missing = f"{response.length:,} of {len(body) + response.length:,} bytes"
+                    raise FetchError(FAILED, f"incomplete body: {missing} missing", True)
                 return bytes(body)
             body += chunk
             if len(body) > self.max_bytes:

@@ -141,7 +141,7 @@ class Storage:
             return
         os.makedirs(os.path.dirname(url), exist_ok=True)
         self.remove_stale_temp(url)  # what a process killed while writing this file left
-        tmp = f"{url}{TEMP_MARK}{uuid.uuid4().hex}"
+        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"  # the pid: see remove_stale_temp
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -156,10 +156,15 @@ class Storage:
     def remove_stale_temp(self, prefix_url: str) -> int:
         """Delete the ``<prefix_url>.tmp-*`` files that writes killed midway left (``prefix_url``
         may hold glob wildcards: ``url(folder, "*")`` cleans a folder); returns how many. Only
-        for names no live process is writing. On S3 there are none: a no-op that returns 0."""
+        for temp files whose writing process is gone (the pid in the name). On S3 there are none: a
+        no-op that returns 0."""
         if not self.is_local:
             return 0
-        stale = self.fs.glob(f"{prefix_url}{TEMP_MARK}*")
+        stale = [
+            path
+            for path in self.fs.glob(f"{prefix_url}{TEMP_MARK}*")
+            if not _writer_alive(path.rsplit(TEMP_MARK, 1)[1])
+        ]
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -186,6 +191,21 @@ class Storage:
 
     def size(self, url: str) -> int:
         return int(self.fs.size(url))
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the process that named a temp file ``<url>.tmp-<pid>-<hex>`` still runs (on this
+    machine): its file is then a write in progress, not a leftover."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def label_files(storage: Storage, key: str) -> list[str]:

@@ -302,7 +302,7 @@ def read_weights(path: str, shown: str | None = None) -> dict[str, torch.Tensor]
 
     shown = shown or path
     try:
-        return load_state_dict(path)
+        return load_state_dict(path, weights_only=True)  # explicit: never a full unpickle
     except Exception as exc:
         unsafe = _unsafe_globals(exc)
         if unsafe:
