@@ -28,7 +28,7 @@ from coyo_platform_tests.test_bad_input import one_shard, run_worker
 
 PART = "part-00000"
 # Letters and digits only, so that a URL-encoded or JSON-escaped copy is still the same string.
-ACCESS_KEY_ID = "AKIACOYOSECURITYTEST7"
+ACCESS_KEY_ID = "TESTCOYOSECURITYKEY7"  # fake, and not shaped like a real AKIA key id
 SECRET_KEY = "COYOsecretKEYdoNOTleak0f3c9a27e51b4d8"
 SESSION_TOKEN = "COYOsessionTOKENdoNOTleak5e1b0a9c7d2f3"
 SECRETS = {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_SESSION_TOKEN": SESSION_TOKEN}
