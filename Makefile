@@ -1,9 +1,9 @@
 # make demo: set up .venv if missing, then run the whole pipeline offline on the embedded defaults
 # make test: set up .venv if missing, then run the whole test suite
 # make ui:   open the Dagster UI on the same instance (http://127.0.0.1:3000)
-# make bench / bench-gpu: the labeler benchmark (benchmarks/labeler.py) on the CPU / one GPU
+# make bench / bench-gpu: the labeling benchmark (benchmarks/label.py) on the CPU / one GPU
 # make bench-stats: label stats and the target threshold vs DuckDB (benchmarks/stats.py)
-# make bench-download: the guarded downloader vs img2dataset's own (benchmarks/download.py)
+# make bench-download: the guarded download program vs img2dataset's own (benchmarks/download.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -34,17 +34,19 @@ chromium:
 	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; } \
 	  || { sudo apt-get update -q && sudo apt-get install -y -q --no-install-recommends chromium; }
 
+# Two test processes (this machine kind has 2 cores), each taking whole test files; the files that
+# read one session-wide run go to the same one (coyo_platform_tests/conftest.py, SHARED_RUNS).
 test: $(BIN)/coyo-platform $(TOOLS)/bin/checkov chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 ui: $(BIN)/coyo-platform
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: $(BIN)/coyo-platform
-	$(BIN)/python benchmarks/labeler.py
+	$(BIN)/python benchmarks/label.py
 
 bench-gpu: $(BIN)/coyo-platform
-	$(BIN)/python benchmarks/labeler.py --gpu
+	$(BIN)/python benchmarks/label.py --gpu
 
 bench-stats: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/stats.py

@@ -1,4 +1,4 @@
-"""What the downloader's guard, checks and pHash cost, against img2dataset's own download.
+"""What the download program's guard, checks and pHash cost, against img2dataset's own download.
 
     python benchmarks/download.py                     # 2,000 images, 2 processes x 16 threads
     python benchmarks/download.py --images 400 --quick  # tiny, for the tests
@@ -11,13 +11,13 @@ fresh subprocesses:
 
   img2dataset: ``img2dataset.download`` as the platform called it before the guard (urllib's plain
                urlopen, cv2 decode/resize, sha256, exif);
-  ours:        ``core.download.run_shards``: the guarded fetch (DNS check, deadline, size cut),
+  ours:        ``download.run.run_shards``: the guarded fetch (DNS check, deadline, size cut),
                the header check for bombs, the pHash and its distance, the same resizer and
                writer, staged shards moved into place.
 
 It prints images/s for each, the ratio ours / img2dataset (1.0 = no cost), each one's peak RSS
 (the parent and its pool, via RUSAGE_CHILDREN), and checks that both downloaded every image.
-The server shares the CPU with the downloader: compare the ratio, not the absolute rate, with
+The server shares the CPU with the download program: compare the ratio, not the absolute rate, with
 a real crawl, where the network and DNS set the pace (img2dataset: about 100 img/s per core).
 """
 
@@ -119,13 +119,14 @@ def run_engine(engine: str, part: str, out: str, processes: int, threads: int, s
             enable_wandb=False,
         )
     else:
-        from coyo_platform.core.download import DownloadSettings, run_shards
+        from coyo_platform.download.run import run_shards
+        from coyo_platform.download.settings import DownloadSettings
 
         settings = DownloadSettings(
             processes_count=processes,
             thread_count=threads,
             number_sample_per_shard=shard,
-            allow_networks=f"{HOST}/32",
+            allow_networks=(f"{HOST}/32",),
         )
         failed = run_shards(part, out, settings)
         assert not failed, failed

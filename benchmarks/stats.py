@@ -4,21 +4,21 @@
     python benchmarks/stats.py --rows 5e6 --engines ours
     python benchmarks/stats.py --quick --workdir /tmp/x   # tiny sizes, for the tests
 
-It writes synthetic labeled shards shaped like the worker's output (``LABELED_SCHEMA``, written
-with the worker's ``LABELED_FILE_OPTIONS``): parts of ``--part-rows`` rows as img2dataset-style
+It writes synthetic labeled shards shaped like the label program's output (``LABELED_SCHEMA``,
+written with its ``LABELED_FILE_OPTIONS``): parts of ``--part-rows`` rows as img2dataset-style
 shard files of ``--shard-rows`` rows (``<data>/part-XXXXX/NNNNN.parquet``), 50 labels and float32
 probabilities per row sorted descending, a top-1 probability whose share above 0.05..0.25 is the
 card's share-kept column, a Zipf-like top-1 class, ~2% of rows sharing a pHash, ~3% failed rows
-(error set, no hash, no labels, as the worker writes them). The data is generated once per
+(error set, no hash, no labels, as the label program writes them). The data is generated once per
 parameter set under ``--workdir`` and reused.
 
 Then, for each size (the first 1, 2, 4 ... parts), in a fresh subprocess per engine, one after the
 other, so each peak RSS is that engine's own:
 
-  ours:   per part ``stats.aggregate_files`` (the label_stats asset's call) and its index written
-          as parquet; ``stats.merge_aggregates``, ``stats.threshold_table``; the exact threshold
-          for a target of 40% of labeled images with ``plan.threshold_for_target`` reading the
-          fine histogram's bin from the index files (``plan.make_plan``'s own filter);
+  ours:   per part ``stats.aggregate.aggregate_files`` (the label_stats asset's call) and its index
+          written as parquet; ``merge_aggregates``, ``stats.report.threshold_rows``; the exact
+          threshold for a target of 40% of labeled images with ``sample.rules.threshold_for_target``
+          reading the fine histogram's bin from the index files (``sample.plan``'s own filter);
   duckdb: the same outputs in SQL: one scan into a compact temp table (top-1, top-1 class and the
           (label, prob) pairs above the lowest threshold), then the threshold table, per-class
           counts per threshold, labels-per-image, top-1 classes, the 20-bin histogram and the
@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_WORKDIR = "/tmp/coyo-stats-bench"
 GENERATOR_VERSION = 1
-NUM_CLASSES = 21_841  # coyo_platform.core.labelspace.NUM_CLASSES (not imported: DuckDB's child)
-CARD_THRESHOLDS = (0.05, 0.10, 0.15, 0.20, 0.25)  # stats.CARD_THRESHOLDS (checked in ours)
+NUM_CLASSES = 21_841  # coyo_platform.common.labelspace.NUM_CLASSES (not imported: DuckDB's child)
+CARD_THRESHOLDS = (0.05, 0.10, 0.15, 0.20, 0.25)  # stats.aggregate's (checked in ours)
 #: P(top-1 >= t) on the card (kakaobrain/coyo-dataset, COYO-Labeled-300M: share kept).
 SHARE_KEPT = ((0.0, 1.0), (0.05, 0.967), (0.10, 0.858), (0.15, 0.745), (0.20, 0.643),
               (0.25, 0.556), (1.0, 0.0))  # fmt: skip
@@ -114,7 +114,7 @@ def shard_table(
     import numpy as np
     import pyarrow as pa
 
-    from coyo_platform.worker.labeler import LABELED_SCHEMA
+    from coyo_platform.common.formats import LABELED_SCHEMA
 
     rng = np.random.default_rng([seed, part, shard])
     first = part * part_rows + shard * shard_rows
@@ -174,7 +174,7 @@ def ensure_data(work: Path, parts: int, part_rows: int, shard_rows: int, seed: i
     """The first ``parts`` parts, generated where missing (a part is complete once renamed)."""
     import pyarrow.parquet as pq
 
-    from coyo_platform.worker.labeler import LABELED_FILE_OPTIONS
+    from coyo_platform.common.formats import LABELED_FILE_OPTIONS
 
     options = ",".join(f"{k}={v}" for k, v in sorted(LABELED_FILE_OPTIONS.items()))
     data = work / f"data-v{GENERATOR_VERSION}-p{part_rows}-s{shard_rows}-seed{seed}-{options}"
@@ -215,7 +215,9 @@ def run_ours(data: Path, parts: int, run_dir: Path) -> dict:
     import polars as pl
     import pyarrow.parquet as pq
 
-    from coyo_platform.core import plan, stats
+    from coyo_platform.sample import rules
+    from coyo_platform.stats import aggregate as stats
+    from coyo_platform.stats.report import threshold_rows
 
     assert stats.CARD_THRESHOLDS == CARD_THRESHOLDS
     steps = dict.fromkeys(("aggregate_files", "write_index", "merge", "threshold"), 0.0)
@@ -228,29 +230,29 @@ def run_ours(data: Path, parts: int, run_dir: Path) -> dict:
         t = time.perf_counter()
         path = run_dir / f"part-{p:05d}.index.parquet"
         pq.write_table(index, path, compression="zstd")  # as Storage.write_parquet's default
-        (run_dir / f"part-{p:05d}.json").write_text(json.dumps(agg))
+        (run_dir / f"part-{p:05d}.json").write_text(json.dumps(agg.to_json()))
         steps["write_index"] += time.perf_counter() - t
         index_files.append(str(path))
         aggs.append(agg)
         del index
     t = time.perf_counter()
     merged = stats.merge_aggregates(aggs)
-    table = stats.threshold_table(merged)
+    table = threshold_rows(merged)
     steps["merge"] = time.perf_counter() - t
     t = time.perf_counter()
-    histogram = {int(b): n for b, n in merged["top1_fine"].items()}
-    target = max(1, round(TARGET_FRACTION * merged["images"]))
+    histogram = {int(b): n for b, n in merged.top1_fine.items()}
+    target = max(1, round(TARGET_FRACTION * merged.images))
     read = {"values": 0}
 
     def values_in_bins(lo: int, hi: int):
         frames = pl.collect_all(
-            [pl.scan_parquet(f).filter(plan._in_bins(lo, hi)).select("top1") for f in index_files]
+            [pl.scan_parquet(f).filter(rules.in_bins(lo, hi)).select("top1") for f in index_files]
         )
         values = pl.concat(frames)["top1"].to_numpy()
         read["values"] += len(values)
         return values
 
-    threshold, size = plan.threshold_for_target(histogram, target, values_in_bins)
+    threshold, size = rules.threshold_for_target(histogram, target, values_in_bins)
     steps["threshold"] = time.perf_counter() - t
     seconds = time.perf_counter() - start
     return {
@@ -259,21 +261,21 @@ def run_ours(data: Path, parts: int, run_dir: Path) -> dict:
         "bin_values_read": read["values"],
         "table": table,
         "result": {
-            "images": merged["images"],
-            "failed": merged["failed"],
+            "images": merged.images,
+            "failed": merged.failed,
             "thresholds": [
                 {
-                    "threshold": t["threshold"],
-                    "kept": t["kept"],
-                    "labels_above": t["labels_above"],
-                    "unique_labels": len(t["class_counts"]),
-                    "class_counts": t["class_counts"],
-                    "labels_per_image": t["labels_per_image"],
+                    "threshold": t.threshold,
+                    "kept": t.kept,
+                    "labels_above": t.labels_above,
+                    "unique_labels": len(t.class_counts),
+                    "class_counts": t.class_counts,
+                    "labels_per_image": t.labels_per_image,
                 }
-                for t in merged["thresholds"]
+                for t in merged.thresholds
             ],
-            "top1_counts": merged["top1_counts"],
-            "top1_histogram": merged["top1_histogram"],
+            "top1_counts": merged.top1_counts,
+            "top1_histogram": merged.top1_histogram,
             "target": target,
             "threshold": threshold,
             "size": size,
@@ -502,7 +504,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"data: {data} ({on_disk / 1e9:.2f} GB on disk): parts of {args.part_rows:,} rows in "
-        f"{args.shard_rows:,}-row shards, the worker's LABELED_FILE_OPTIONS; target "
+        f"{args.shard_rows:,}-row shards, the label program's LABELED_FILE_OPTIONS; target "
         f"{TARGET_FRACTION:.0%} of labeled images",
         flush=True,
     )

@@ -2,14 +2,16 @@
 
     coyo-platform run --source URL --parts part-00000 [part-00001 ...] [--model NAME]
                       [--checkpoint PATH] [--threshold T | --target-rows N | --target-fraction F]
-                      [--dedup] [--class-cap N] [--limit N]
+                      [--dedup] [--class-cap N] [--limit N] ...
     coyo-platform demo
 
 ``run`` registers the parts as ``coyo_parts`` partitions in the Dagster instance at
-``$DAGSTER_HOME`` (default ``./.dagster``, SQLite) and materializes every asset, one run per step,
-printing a line per step: metadata, downloads, labels and stats for each part, then the stats
-roll-up and the sampling plan over all parts, then each part's subset, then the manifest;
-``dagster dev`` then shows the materializations.
+``$DAGSTER_HOME`` (default ``./.dagster``, SQLite) and materializes every asset downstream of the
+source metadata, one run per step, in the asset graph's order, printing a line per step:
+metadata, downloads, labels and stats for each part, then the stats roll-up and the sampling plan
+over all parts, then each part's subset, then the manifest; ``dagster dev`` then shows the
+materializations. Each flag is a setting of one stage (its help, type and checks are the stage's
+own, ``download/settings.py`` and the like); every setting is checked before any work starts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from coyo_platform.download.settings import DownloadSettings
+from coyo_platform.ingest.metadata import IngestSettings
+from coyo_platform.label.settings import LabelSettings
+from coyo_platform.sample.rules import Sampling
+
+#: The run's flags: (asset, its stage's settings, the settings offered as flags).
+FLAGS = (
+    ("coyo700m_metadata", IngestSettings, ("limit",)),
+    ("downloaded_shards", DownloadSettings, ("image_size", "allow_networks", "drop_drifted")),
+    ("labeled_shards", LabelSettings, ("model", "checkpoint", "preset", "precision")),
+    (
+        "subset_plan",
+        Sampling,
+        ("threshold", "target_rows", "target_fraction", "dedup", "class_cap"),
+    ),
+)
 
 # What the progress line of each step shows from its materialization metadata.
 _SUMMARY_KEYS = {
@@ -35,6 +54,49 @@ _SUMMARY_KEYS = {
 }
 
 
+def steps() -> list[tuple[bool, list]]:
+    """The assets a run materializes, in the asset graph's order (level by level), grouped into
+    runs of partitioned assets (done part by part) and unpartitioned ones (done once)."""
+    import dagster as dg
+
+    from coyo_platform.definitions import PIPELINE, ROLLUPS, defs
+
+    graph = defs.resolve_asset_graph()
+    by_key = {asset.key: asset for asset in [*PIPELINE, *ROLLUPS]}  # without resources bound
+    wanted = dg.AssetSelection.assets(*PIPELINE).downstream().resolve(graph)
+    order = [
+        key
+        for level in graph.toposorted_asset_keys_by_level
+        for key in sorted(level, key=lambda k: k.to_user_string())
+        if key in wanted
+    ]
+    groups: list[tuple[bool, list]] = []
+    for key in order:
+        asset = by_key[key]
+        partitioned = asset.partitions_def is not None
+        if groups and groups[-1][0] == partitioned:
+            groups[-1][1].append(asset)
+        else:
+            groups.append((partitioned, [asset]))
+    return groups
+
+
+def check_settings(configs: dict[str, dict[str, Any]]) -> None:
+    """Every step's settings, checked by its stage before any work: a clear exit otherwise."""
+    from coyo_platform.assets import config_class_of
+
+    for _, assets in steps():
+        for asset in assets:
+            config_class = config_class_of(asset)
+            if config_class is None:
+                continue
+            name = asset.key.to_user_string()
+            try:
+                config_class(**configs.get(name, {})).to_settings()
+            except ValueError as err:  # pydantic's ValidationError is one too
+                raise SystemExit(f"{name}: bad setting: {err}") from err
+
+
 def _prepare_instance() -> Any:
     home = Path(os.environ.get("DAGSTER_HOME") or ".dagster").absolute()
     home.mkdir(parents=True, exist_ok=True)
@@ -47,12 +109,22 @@ def _prepare_instance() -> Any:
     return dg.DagsterInstance.get()
 
 
+def _failure_text(result) -> str:
+    failures = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
+    message = failures[0].message.strip() if failures and failures[0] else "unknown error"
+    cause = failures[0].cause if failures and failures[0] else None
+    while cause is not None:
+        message += f"\n  caused by: {cause.message.strip()}"
+        cause = cause.cause
+    return message
+
+
 def _materialize(asset, instance, resources, part: str | None, config: dict, log_level: str) -> str:
     import dagster as dg
 
     from coyo_platform.definitions import CHECKS
 
-    name = asset.key.to_user_string()
+    name, where = asset.key.to_user_string(), f"[{part or 'all'}]"
     checks = [c for c in CHECKS if asset.key in {spec.asset_key for spec in c.check_specs}]
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if config:
@@ -68,106 +140,53 @@ def _materialize(asset, instance, resources, part: str | None, config: dict, log
     )
     took = time.monotonic() - start
     if not result.success:
-        failures = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
-        message = failures[0].message.strip() if failures and failures[0] else "unknown error"
-        cause = failures[0].cause if failures and failures[0] else None
-        while cause is not None:
-            message += f"\n  caused by: {cause.message.strip()}"
-            cause = cause.cause
         raise SystemExit(
-            f"[{part or 'all'}] {name} FAILED after {took:.1f}s (run {result.run_id}):\n{message}"
+            f"{where} {name} FAILED after {took:.1f}s (run {result.run_id}):\n"
+            + _failure_text(result)
         )
-    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
-    for check in failed:
+    for check in (e for e in result.get_asset_check_evaluations() if not e.passed):
         figures = ", ".join(f"{k}={v.value}" for k, v in check.metadata.items())
-        print(
-            f"[{part or 'all'}] check {check.check_name} FAILED ({check.severity.value}): {figures}"
-        )
+        print(f"{where} check {check.check_name} FAILED ({check.severity.value}): {figures}")
     materialized = result.asset_materializations_for_node(name)
     if not materialized:
-        print(f"[{part or 'all'}] {name:<20} unchanged in {took:6.1f}s", flush=True)
+        print(f"{where} {name:<20} unchanged in {took:6.1f}s", flush=True)
         return ""
     metadata = materialized[-1].metadata
     shown = ", ".join(
         f"{k}={metadata[k].value}" for k in _SUMMARY_KEYS.get(name, ()) if k in metadata
     )
-    print(f"[{part or 'all'}] {name:<20} ok in {took:6.1f}s  {shown}", flush=True)
+    print(f"{where} {name:<20} ok in {took:6.1f}s  {shown}", flush=True)
     return str(metadata["path"].value) if "path" in metadata else ""
 
 
 def run(
     source: str,
     parts: list[str],
+    configs: dict[str, dict[str, Any]] | None = None,
     data_root: str | None = None,
-    model: str | None = None,
-    checkpoint: str | None = None,
-    preset: str | None = None,
-    sampling: dict | None = None,
-    limit: int | None = None,
-    image_size: int | None = None,
-    allow_networks: list[str] | None = None,
-    drop_drifted: bool = False,
     verbose: bool = False,
 ) -> list[str]:
-    """Materialize the whole graph for ``parts``; returns the subset files' paths."""
-    from coyo_platform.assets.label_stats import label_stats_rollup
-    from coyo_platform.assets.subset_manifest import subset_manifest
-    from coyo_platform.assets.subset_plan import subset_plan
-    from coyo_platform.core.plan import Sampling
-    from coyo_platform.definitions import PIPELINE, local_resources
+    """Materialize the graph for ``parts`` with each asset's ``configs`` (settings by name);
+    returns the subset files' paths."""
+    from coyo_platform.definitions import local_resources
 
-    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    try:
-        Sampling(**sampling)
-    except ValueError as err:
-        raise SystemExit(f"bad sampling setting: {err}") from err
-    download: dict[str, Any] = {"image_size": image_size} if image_size else {}
-    if allow_networks:
-        download["allow_networks"] = allow_networks
-    if drop_drifted:
-        download["drop_drifted"] = True
-    try:
-        from coyo_platform.core.download import DownloadSettings
-
-        DownloadSettings(**{**download, "allow_networks": ",".join(allow_networks or [])})
-    except ValueError as err:
-        raise SystemExit(f"bad download setting: {err}") from err
-    if model:
-        from coyo_platform.worker.labeler import check_model_name
-
-        try:
-            check_model_name(model)
-        except ValueError as err:
-            raise SystemExit(f"--model: {err}") from err
-    if limit is not None and limit < 1:
-        raise SystemExit(f"--limit must be >= 1, got {limit}")
-    if checkpoint and "://" not in checkpoint:
-        if not Path(checkpoint).is_file():
-            raise SystemExit(f"--checkpoint {checkpoint}: no such file")
-        checkpoint = str(Path(checkpoint).absolute())
+    configs = {name: dict(values) for name, values in (configs or {}).items()}
+    check_settings(configs)
     instance = _prepare_instance()
     resources = local_resources(source=source, data_root=data_root)
     new = [p for p in parts if not instance.has_dynamic_partition("coyo_parts", p)]
     instance.add_dynamic_partitions("coyo_parts", new)
     print(f"instance {os.environ['DAGSTER_HOME']}; data root {resources['storage'].store().root}")
     print(f"parts: {', '.join(parts)} ({len(new)} new partitions)")
-    chosen = (("model", model), ("checkpoint", checkpoint), ("preset", preset))
-    label: dict[str, Any] = {k: v for k, v in chosen if v}
-    configs = {
-        "coyo700m_metadata": {"limit": limit} if limit else {},
-        "downloaded_shards": download,
-        "labeled_shards": label,
-        "label_stats": {},
-    }
     level = "INFO" if verbose else "WARNING"
-    *per_part, subset = PIPELINE
-    for part in parts:
-        for asset in per_part:
-            _materialize(asset, instance, resources, part, configs[asset.key.path[-1]], level)
-    _materialize(label_stats_rollup, instance, resources, None, {}, level)
-    _materialize(subset_plan, instance, resources, None, sampling, level)
-    outputs = [_materialize(subset, instance, resources, part, {}, level) for part in parts]
-    _materialize(subset_manifest, instance, resources, None, {}, level)
+    outputs: list[str] = []
+    for partitioned, assets in steps():
+        for part in parts if partitioned else [None]:
+            for asset in assets:
+                config = configs.get(asset.key.to_user_string(), {})
+                path = _materialize(asset, instance, resources, part, config, level)
+                if asset.key.to_user_string() == "coyo_labeled_300m":
+                    outputs.append(path)
     print("COYO-Labeled-300M subset written to:")
     for path in outputs:
         print(f"  {path}")
@@ -188,17 +207,12 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
     with fixtures.serve_folder(images) as base_url:
         keys = fixtures.write_parts(source, images, items, base_url, parts, rows)
         print(f"image server {base_url}; {parts} parts of {rows} rows in {source}")
-        return run(
-            source=str(source),
-            parts=keys,
-            model=fixtures.DEMO_MODEL,
-            checkpoint=str(checkpoint),
-            preset="timm",  # the tiny model's own eval size, not EfficientNetV2-XL's 512
-            allow_networks=["127.0.0.1/32"],  # the demo's image server; public-only by default
-        )
+        return run(source=str(source), parts=keys, configs=fixtures.demo_configs(checkpoint))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    from coyo_platform.common import settings as declared
+
     parser = argparse.ArgumentParser(prog="coyo-platform", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="materialize every asset for some COYO-700M parts")
@@ -207,51 +221,37 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument(
         "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
     )
-    r.add_argument("--model", default=None, help="timm model (default tf_efficientnetv2_xl.in21k)")
-    r.add_argument("--checkpoint", default=None, help="weights file (default: hub pretrained)")
-    r.add_argument("--preset", choices=("coyo", "timm"), default=None, help="labeler preset (coyo)")
-    pick = r.add_mutually_exclusive_group()
-    pick.add_argument("--threshold", type=float, help="top-1 cut (default 0.30)")
-    pick.add_argument("--target-rows", type=int, help="threshold closest to N rows")
-    pick.add_argument("--target-fraction", type=float, help="threshold closest to F of images")
-    r.add_argument("--dedup", action="store_true", help="one image per pHash across all parts")
-    r.add_argument("--class-cap", type=int, default=None, help="at most N images per class")
-    r.add_argument("--limit", type=int, default=None, help="only the first N rows of each part")
-    r.add_argument("--image-size", type=int, default=None, help="download size (default 512)")
-    r.add_argument(
-        "--allow-network",
-        action="append",
-        metavar="CIDR",
-        help="a non-public network downloads may reach (a private mirror); repeatable",
-    )
-    r.add_argument(
-        "--drop-drifted", action="store_true", help="drop images whose pHash left the crawl's"
-    )
+    for asset, settings, names in FLAGS:
+        group = r.add_argument_group(f"settings of {asset}")
+        declared.add_arguments(group, settings, names, unset=True)
     r.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     d = sub.add_parser("demo", help="offline demo: local image server, two small parts")
     d.add_argument("--workdir", default=None, help="where fixtures go (default: a temp dir)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def configs_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The settings the flags give, by asset (flags not given are left to the stage's defaults)."""
+    configs: dict[str, dict[str, Any]] = {}
+    for asset, _, names in FLAGS:
+        given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+        configs[asset] = {n: list(v) if isinstance(v, tuple) else v for n, v in given.items()}
+    checkpoint = configs["labeled_shards"].get("checkpoint")
+    if checkpoint and "://" not in checkpoint:  # recorded in the runs: re-executed from anywhere
+        configs["labeled_shards"]["checkpoint"] = str(Path(checkpoint).absolute())
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.command == "run":
-        from coyo_platform.core.sources import HUB_SOURCE
+        from coyo_platform.ingest.sources import HUB_SOURCE
 
         run(
             source=args.source or HUB_SOURCE,
             parts=args.parts,
+            configs=configs_from(args),
             data_root=args.data_root,
-            model=args.model,
-            checkpoint=args.checkpoint,
-            preset=args.preset,
-            sampling={
-                "threshold": args.threshold,
-                "target_rows": args.target_rows,
-                "target_fraction": args.target_fraction,
-                "dedup": args.dedup or None,
-                "class_cap": args.class_cap,
-            },
-            limit=args.limit,
-            image_size=args.image_size,
-            allow_networks=args.allow_network,
-            drop_drifted=args.drop_drifted,
             verbose=args.verbose,
         )
     else:

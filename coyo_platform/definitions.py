@@ -11,11 +11,12 @@ from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
 from coyo_platform.assets.downloaded_shards import download_success_rate, downloaded_shards
 from coyo_platform.assets.label_names import label_names
-from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
+from coyo_platform.assets.label_stats import label_stats
+from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.assets.labeled_shards import label_coverage, labeled_shards
 from coyo_platform.assets.subset_manifest import subset_manifest
 from coyo_platform.assets.subset_plan import subset_plan
-from coyo_platform.core.sources import HUB_SOURCE
+from coyo_platform.ingest.sources import HUB_SOURCE
 from coyo_platform.resources import EcsCompute, LocalCompute, SourceResource, StorageResource
 from coyo_platform.sensors import (
     coyo_ingest,
@@ -50,7 +51,7 @@ def local_resources(source: str | None = None, data_root: str | None = None) -> 
 
 
 def aws_resources() -> dict:
-    """AWS: storage on S3, the downloader and the labeler as ECS tasks (``EcsCompute``). Every
+    """AWS: storage on S3, the two programs as ECS tasks (``EcsCompute``). Every
     value comes from the environment, which the Dagster service's task definition in
     ``infra/coyo-platform.yaml`` sets from the stack's own resources; credentials come from the
     task's IAM role (the standard AWS chain), never from here."""
@@ -62,8 +63,8 @@ def aws_resources() -> dict:
             subnets=dg.EnvVar("COYO_ECS_SUBNETS"),
             security_groups=dg.EnvVar("COYO_ECS_SECURITY_GROUPS"),
             pipes_bucket=dg.EnvVar("COYO_PIPES_BUCKET"),
-            downloader_task_definition=dg.EnvVar("COYO_DOWNLOADER_TASK_DEFINITION"),
-            labeler_task_definition=dg.EnvVar("COYO_LABELER_TASK_DEFINITION"),
+            download_task_definition=dg.EnvVar("COYO_DOWNLOAD_TASK_DEFINITION"),
+            label_task_definition=dg.EnvVar("COYO_LABEL_TASK_DEFINITION"),
             cpu_capacity_provider=dg.EnvVar("COYO_CPU_CAPACITY_PROVIDER"),
             gpu_capacity_provider=dg.EnvVar("COYO_GPU_CAPACITY_PROVIDER"),
         ),

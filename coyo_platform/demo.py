@@ -26,9 +26,10 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageOps
 
-from coyo_platform.core.schema import COYO700M_COLUMNS, FLOAT, INT
+from coyo_platform.ingest.schema import COYO700M_COLUMNS, FLOAT, INT
 
 DEMO_MODEL = "test_efficientnet"  # a tiny timm architecture; random weights, made offline
+LOOPBACK = "127.0.0.1/32"  # the image server's network: downloads are public-only by default
 PHOTOS = (
     "astronaut.png",
     "chelsea.png",
@@ -187,7 +188,7 @@ def make_random_model(path: Path, photos: Path, model: str = DEMO_MODEL, seed: i
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from coyo_platform.core.labelspace import NUM_MODEL_OUTPUTS
+    from coyo_platform.common.labelspace import NUM_MODEL_OUTPUTS
 
     torch.manual_seed(seed)
     net = timm.create_model(model, pretrained=False, num_classes=NUM_MODEL_OUTPUTS).eval()
@@ -206,3 +207,15 @@ def make_random_model(path: Path, photos: Path, model: str = DEMO_MODEL, seed: i
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
+
+
+def demo_configs(checkpoint: Path) -> dict[str, dict]:
+    """The settings the demo runs with, by asset; everything else is the product's default."""
+    return {
+        "downloaded_shards": {"allow_networks": [LOOPBACK]},
+        "labeled_shards": {
+            "model": DEMO_MODEL,
+            "checkpoint": str(checkpoint),
+            "preset": "timm",  # the tiny model's own eval size, not EfficientNetV2-XL's 512
+        },
+    }

@@ -1,6 +1,6 @@
 """The platform's sensors: new source parts become partitions and are downloaded; finished shards
-without labels get labeled, by whoever wrote them. Logic lives in ``core.sources`` and
-``core.progress``; this module only turns it into Dagster requests."""
+without labels get labeled, by whoever wrote them. What they read is ``ingest.sources`` and
+``common.shards``; this module only turns it into Dagster requests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 
 import dagster as dg
 
-from coyo_platform.core.progress import downloaded_partitions, unlabeled_shards
-from coyo_platform.core.sources import list_parts
+from coyo_platform.common.shards import downloaded_partitions, unlabeled
+from coyo_platform.ingest.sources import list_parts
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
 
@@ -79,7 +79,7 @@ def unlabeled_shards_sensor(
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
     for key in downloaded_partitions(store):
-        missing = unlabeled_shards(store, key)
+        missing = unlabeled(store, key)
         if not missing:
             continue
         busy = context.instance.get_runs(

@@ -1,7 +1,7 @@
 """A fault-injecting HTTP reverse proxy on loopback, put in front of an S3 server (moto's).
 
-Clients (s3fs, polars, boto3, a worker subprocess) are pointed at ``proxy.url``; the test switches
-what the proxy does with the requests that follow:
+Clients (s3fs, polars, boto3, a program's subprocess) are pointed at ``proxy.url``; the test
+switches what the proxy does with the requests that follow:
 
 * nothing (the default, and ``pass_through()``): every request is forwarded unchanged;
 * ``throttle(n, ...)``: the next ``n`` matching requests are answered by the proxy itself with

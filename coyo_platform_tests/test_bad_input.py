@@ -1,12 +1,12 @@
 """Bad input fails before any expensive work, with a message naming the problem: a bad source
 part fails its partition naming the file (and the column), and nothing is written to storage; a
-labeler setting the worker cannot use (an unknown model, a checkpoint with the wrong number of
-classes) fails in Dagster before the worker starts, or in the worker before it reads a shard."""
+label setting the label program cannot use (an unknown model, a checkpoint with the wrong number
+of classes) fails in Dagster before the program starts, or in the program before it reads a
+shard."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +20,7 @@ from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.assets.subset_plan import subset_plan
 from coyo_platform.definitions import local_resources
 from coyo_platform.resources import ComputeResource
-from coyo_platform_tests.conftest import write_tar
+from coyo_platform_tests.conftest import label_cmd, write_tar
 
 PART_FILE = "part-00000-17da4908-939c-46e5-91d0-15f256041956-c000.snappy.parquet"
 
@@ -108,7 +108,7 @@ def test_unknown_part_names_what_exists(source: Path, tmp_path: Path):
     assert "no part 'part-00042'" in message and "part-00000" in message
 
 
-# -- the labeler's settings ----------------------------------------------------------------------
+# -- the label settings --------------------------------------------------------------------------
 
 TYPO = "tf_efficientnetv2_xxl"
 UNKNOWN = f"unknown model '{TYPO}'"
@@ -126,17 +126,15 @@ def one_shard(site, folder: Path) -> Path:
     return shards
 
 
-def run_worker(
+def run_label(
     shards: Path, out: Path, checkpoint: Path, model: str = demo.DEMO_MODEL
 ) -> subprocess.CompletedProcess:
-    """``python -m coyo_platform.worker`` as the asset starts it (without Pipes)."""
-    command = [sys.executable, "-m", "coyo_platform.worker", "--shards", str(shards)]
-    command += ["--output", str(out), "--preset", "timm", "--model", model]
-    command += ["--checkpoint", str(checkpoint), "--num-workers", "0"]
+    """The label program as the asset starts it (without Pipes)."""
+    command = label_cmd(shards, out, checkpoint, "--num-workers", "0", "--model", model)
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def test_checkpoint_with_the_wrong_class_count_fails_the_worker_before_any_shard(
+def test_checkpoint_with_the_wrong_class_count_fails_the_label_program_before_any_shard(
     site, tmp_path: Path
 ):
     import timm
@@ -145,17 +143,17 @@ def test_checkpoint_with_the_wrong_class_count_fails_the_worker_before_any_shard
     in1k = tmp_path / "in1k.pth"
     torch.save(timm.create_model(demo.DEMO_MODEL, num_classes=1000).state_dict(), in1k)
     out = tmp_path / "out"
-    done = run_worker(one_shard(site, tmp_path), out, in1k)
+    done = run_label(one_shard(site, tmp_path), out, in1k)
     assert done.returncode != 0
     assert (
         f"checkpoint {in1k} does not fit {demo.DEMO_MODEL} with 21843 outputs: its classifier "
-        "(classifier.weight) has 1,000 outputs; the labeler needs 21,843"
+        "(classifier.weight) has 1,000 outputs; labeling needs 21,843"
     ) in done.stderr, done.stderr[-3000:]
     assert not out.exists() or not list(out.rglob("*.parquet"))
 
 
-def test_unknown_model_fails_the_worker_before_it_loads_anything(site, tmp_path: Path):
-    done = run_worker(one_shard(site, tmp_path), tmp_path / "out", site.checkpoint, TYPO)
+def test_unknown_model_fails_the_label_program_before_it_loads_anything(site, tmp_path: Path):
+    done = run_label(one_shard(site, tmp_path), tmp_path / "out", site.checkpoint, TYPO)
     assert done.returncode != 0
     assert UNKNOWN in done.stderr, done.stderr[-3000:]
     assert "closest: tf_efficientnetv2_xl" in done.stderr
@@ -166,8 +164,8 @@ def test_unknown_model_fails_the_worker_before_it_loads_anything(site, tmp_path:
 class NeverRun(ComputeResource):
     """A compute seam that fails the test if a program is started."""
 
-    def run_program(self, context, module, args, env=None):
-        raise AssertionError(f"{module} was started: {args}")
+    def run_program(self, context, program, args, env=None):
+        raise AssertionError(f"{program} was started: {args}")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +179,7 @@ class NeverRun(ComputeResource):
     ],
     ids=["unknown model", "unknown tag", "preset", "activation", "batch size"],
 )
-def test_bad_label_settings_fail_the_asset_before_the_worker_starts(
+def test_bad_label_settings_fail_the_asset_before_the_label_program_starts(
     config, expected, tmp_path: Path
 ):
     """No shards exist either: the settings are checked first, and the step is not retried."""
@@ -198,7 +196,7 @@ def test_bad_label_settings_fail_the_asset_before_the_worker_starts(
         )
     assert not result.success
     message = failure_text(result)
-    assert "labeled_shards: bad labeler settings" in message
+    assert "labeled_shards: bad settings" in message
     for fragment in expected:
         assert fragment in message
     assert not [

@@ -1,37 +1,23 @@
 """``coyo-platform run``, as a newcomer runs it: a real process, a fresh SQLite instance, progress
-lines, and materializations that ``dagster dev`` will show."""
+lines, and materializations that ``dagster dev`` will show (the session's ``cli_run``)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
-from coyo_platform import demo
+from coyo_platform.cli import steps
 from coyo_platform.definitions import PIPELINE
+from coyo_platform_tests.conftest import BIN, CliRun
 
-BIN = Path(sys.executable).parent
 
-
-def test_run_two_parts_with_limit(site, source: Path, tmp_path: Path):
-    home, root = tmp_path / "dagster_home", tmp_path / "data"
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    done = subprocess.run(
-        [
-            str(BIN / "coyo-platform"), "run", "--source", str(source),
-            "--parts", "part-00000", "part-00001", "--limit", "12",
-            "--model", demo.DEMO_MODEL, "--checkpoint", str(site.checkpoint), "--preset", "timm",
-            "--threshold", "0.5", "--data-root", str(root),
-        ],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+def test_run_two_parts_with_limit(cli_run: CliRun):
+    out, root = cli_run.done.stdout, cli_run.root
     for part in ("part-00000", "part-00001"):
         for asset in PIPELINE:
             assert f"[{part}] {asset.key.to_user_string()}" in out
@@ -41,7 +27,7 @@ def test_run_two_parts_with_limit(site, source: Path, tmp_path: Path):
         assert str(root / "coyo_labeled_300m" / f"{part}.parquet") in out
     assert pl.read_parquet(root / "coyo700m_metadata" / "part-00000.parquet").height == 12
 
-    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(cli_run.home)
     try:
         instance = dg.DagsterInstance.get()
         assert set(instance.get_dynamic_partitions("coyo_parts")) == {"part-00000", "part-00001"}
@@ -52,12 +38,36 @@ def test_run_two_parts_with_limit(site, source: Path, tmp_path: Path):
         del os.environ["DAGSTER_HOME"]
 
 
+def test_steps_follow_the_asset_graph_in_the_order_the_lines_are_printed(cli_run: CliRun):
+    """The step order is the asset graph's: every asset after all it depends on, partitioned
+    steps part by part, and the progress lines in that order."""
+    from coyo_platform.definitions import defs
+
+    order = [(a, partitioned) for partitioned, group in steps() for a in group]
+    graph = defs.resolve_asset_graph()
+    seen: set = set()
+    for asset, _ in order:
+        assert graph.get(asset.key).parent_keys <= seen | {asset.key}, asset.key
+        seen.add(asset.key)
+    lines = [ln.split()[:2] for ln in cli_run.done.stdout.splitlines() if ln.startswith("[")]
+    per_part = ["coyo700m_metadata", "downloaded_shards", "labeled_shards", "label_stats"]
+    expected = [
+        *([f"[part-0000{p}]", name] for p in (0, 1) for name in per_part),
+        ["[all]", "label_stats_rollup"],
+        ["[all]", "subset_plan"],
+        *([f"[part-0000{p}]", "coyo_labeled_300m"] for p in (0, 1)),
+        ["[all]", "subset_manifest"],
+    ]
+    assert [ln for ln in lines if ln[1] != "check"] == expected
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--threshold", "1.5"], "threshold must be in [0, 1]"),
         (["--model", "tf_efficientnetv2_xxl"], "unknown model 'tf_efficientnetv2_xxl'"),
-        (["--allow-network", "intranet"], "'intranet' is not an IP network"),
+        (["--allow-networks", "intranet"], "'intranet' is not an IP network"),
+        (["--threshold", "0.2", "--target-rows", "9"], "give one of threshold, target_rows"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path: Path, flags: list[str], message):

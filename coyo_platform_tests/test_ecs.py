@@ -1,6 +1,6 @@
 """The aws deployment's compute seam, end to end: the pipeline for a partition with storage on S3
-(moto's server on loopback) and the downloader and the labeler launched by ``EcsCompute`` through
-``PipesECSClient``, the Pipes context and messages passing through S3.
+(moto's server on loopback) and the two programs, ``download`` and ``label``, launched by
+``EcsCompute`` through ``PipesECSClient``, the Pipes context and messages passing through S3.
 
 ECS itself cannot run here, so ECS's API is answered in-process: every request is built,
 validated and serialized by botocore exactly as for AWS (its service model rejects a malformed
@@ -60,8 +60,8 @@ class LoopbackEcs:
         resources = template()["Resources"]
         self.definitions = {}
         for logical, family in (
-            ("LabelerTaskDefinition", "coyo-labeler"),
-            ("DownloaderTaskDefinition", "coyo-downloader"),
+            ("LabelTaskDefinition", "coyo-label"),
+            ("DownloadTaskDefinition", "coyo-download"),
         ):
             [container] = resources[logical]["Properties"]["ContainerDefinitions"]
             self.definitions[family] = container
@@ -81,7 +81,7 @@ class LoopbackEcs:
         container = self.definitions[family.split(":")[0].split("/")[-1]]
         return {
             "name": container["Name"],
-            "image": "worker:latest",
+            "image": "programs:latest",
             "entryPoint": container["EntryPoint"],
             "environment": [
                 {"name": e["Name"], "value": _resolve(e["Value"])} for e in container["Environment"]
@@ -89,7 +89,7 @@ class LoopbackEcs:
             "logConfiguration": {
                 "logDriver": "awslogs",
                 "options": {
-                    "awslogs-group": "/coyo-platform/test/worker",
+                    "awslogs-group": "/coyo-platform/test/programs",
                     "awslogs-region": REGION,
                     "awslogs-stream-prefix": container["Name"],
                 },
@@ -170,12 +170,13 @@ def _decode(value: str) -> dict:
 
 
 def _ecs_resources(source, s3_bucket, **compute_settings) -> dict:
-    settings = {"subnets": "subnet-0a", **compute_settings}
+    # messages read every 0.2 s rather than 5: the runs below wait less for their last report
+    settings = {"subnets": "subnet-0a", "messages_interval": 0.2, **compute_settings}
     compute = EcsCompute(
         cluster="coyo-test",
         pipes_bucket=s3_bucket,
-        downloader_task_definition="coyo-downloader",
-        labeler_task_definition="coyo-labeler",
+        download_task_definition="coyo-download",
+        label_task_definition="coyo-label",
         cpu_capacity_provider="coyo-cpu",
         gpu_capacity_provider="coyo-gpu",
         **settings,
@@ -221,16 +222,16 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
     assert rows.filter(pl.col("error").is_null()).height == labeled
 
     # the two run_task requests: one task each, on the right capacity, small overrides
-    downloader, labeler = ecs.requests
-    assert downloader["taskDefinition"] == "coyo-downloader"
-    assert labeler["taskDefinition"] == "coyo-labeler"
-    assert downloader["capacityProviderStrategy"] == [{"capacityProvider": "coyo-cpu", "weight": 1}]
-    assert labeler["capacityProviderStrategy"] == [{"capacityProvider": "coyo-gpu", "weight": 1}]
-    [gpu_override] = labeler["overrides"]["containerOverrides"]
-    [cpu_override] = downloader["overrides"]["containerOverrides"]
+    download, label = ecs.requests
+    assert download["taskDefinition"] == "coyo-download"
+    assert label["taskDefinition"] == "coyo-label"
+    assert download["capacityProviderStrategy"] == [{"capacityProvider": "coyo-cpu", "weight": 1}]
+    assert label["capacityProviderStrategy"] == [{"capacityProvider": "coyo-gpu", "weight": 1}]
+    [gpu_override] = label["overrides"]["containerOverrides"]
+    [cpu_override] = download["overrides"]["containerOverrides"]
     assert gpu_override["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
     assert "resourceRequirements" not in cpu_override
-    assert labeler["networkConfiguration"]["awsvpcConfiguration"]["subnets"] == [
+    assert label["networkConfiguration"]["awsvpcConfiguration"]["subnets"] == [
         "subnet-0a",
         "subnet-0b",
     ]
@@ -274,9 +275,9 @@ def _label_run(site, instance, resources):
 
 
 def test_a_failing_task_is_retried_then_fails_the_asset_saying_why(site, source, s3_bucket, ecs):
-    """The partition's only shard is an empty tar: the worker exits non-zero in its task, the
-    step is retried twice with backoff (as for a reclaimed spot instance), then fails; the
-    worker's own reason reaches Dagster's log through the S3 message channel."""
+    """The partition's only shard is an empty tar: the label program exits non-zero in its task,
+    the step is retried twice (as for a reclaimed spot instance), then fails; the program's own
+    reason reaches Dagster's log through the S3 message channel."""
     boto3.client("s3").put_object(
         Bucket=s3_bucket, Key=f"coyo/downloaded_shards/{PART}/00000.tar", Body=b""
     )
@@ -312,9 +313,14 @@ def test_labeling_a_partition_never_downloaded_fails_at_once_without_a_task(
     assert "no downloaded shards in s3://" in failure.step_failure_data.error.to_string()
 
 
-def test_terminating_the_run_stops_its_ecs_task(site, source, s3_bucket, ecs):
-    """While the labeler task runs, the Dagster run is interrupted (terminated from the UI):
+def test_terminating_the_run_stops_its_ecs_task(site, source, s3_bucket, ecs, monkeypatch):
+    """While the label task runs, the Dagster run is interrupted (terminated from the UI):
     the ECS task is stopped, on its cluster, with a reason."""
+    import dagster._core.pipes.utils as pipes_utils
+
+    # a stopped task writes no closing message, which Dagster waits 10 s for after the task ends;
+    # here no message can come (the task never ran the program): no need to wait for one
+    monkeypatch.setattr(pipes_utils, "WAIT_FOR_LOGS_AFTER_EXECUTION_INTERVAL", 0)
     resources = _ecs_resources(source, s3_bucket)
     boto3.client("s3").put_object(  # something to label: the pre-flight check passes
         Bucket=s3_bucket, Key=f"coyo/downloaded_shards/{PART}/00000.tar", Body=b""

@@ -1,7 +1,7 @@
 """The hostile web, on loopback: a server that misbehaves in every way a 747M-URL crawl meets
 (redirects into the private network, the cloud metadata address, trickling and endless bodies,
 decompression bombs, HTML, garbage, changed images), and a second "internal" server that must
-never see a request. The real downloader program runs against them; every row's recorded status is
+never see a request. The real download program runs against them; every row's recorded status is
 checked, and no row is lost or duplicated."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -27,7 +26,8 @@ import pytest
 from PIL import Image
 
 from coyo_platform import demo
-from coyo_platform.core.fetch import Guard, why_blocked
+from coyo_platform.download.fetch import Guard, why_blocked
+from coyo_platform_tests.conftest import download_cmd, without_dagster
 
 WEB_HOST = "127.0.0.2"  # the allowed "internet"; 127.0.0.1 stays forbidden, like a private network
 
@@ -159,7 +159,7 @@ class Hostile(http.server.BaseHTTPRequestHandler):
             else:
                 self.send_error(404)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the downloader hung up: what a cut is
+            pass  # the download program hung up: what a cut is
 
 
 def _serve(
@@ -224,10 +224,10 @@ def web(tmp_path_factory: pytest.TempPathFactory):
     Hostile.web_hits = web_hits
     inside, inside_url = _serve("127.0.0.1", internal)  # stands for 169.254.169.254 / 10.x
     outside, web_url = _serve(WEB_HOST, hostile)
-    trusted = _certificate(images, "trusted")  # the downloader trusts it (SSL_CERT_FILE)
+    trusted = _certificate(images, "trusted")  # the download program trusts it (SSL_CERT_FILE)
     secure, secure_url = _serve(WEB_HOST, hostile, tls=trusted)
     untrusted, untrusted_url = _serve(WEB_HOST, hostile, tls=_certificate(images, "untrusted"))
-    os.environ["SSL_CERT_FILE"] = str(trusted[0])  # read by the downloader subprocesses
+    os.environ["SSL_CERT_FILE"] = str(trusted[0])  # read by the download subprocesses
     urls = {"web": web_url, "https": secure_url, "untrusted": untrusted_url}
     yield files, urls, inside_url, internal_hits
     os.environ.pop("SSL_CERT_FILE")
@@ -303,35 +303,15 @@ def _part(tmp: Path, rows: list[tuple[str, str | None, str, str]]) -> Path:
     return path
 
 
-def _download(part: Path, out: Path, *extra: str) -> dict:
-    """Run the downloader program; its report (printed as JSON outside Dagster)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "coyo_platform.downloader",
-        "--metadata",
-        str(part),
-        "--output",
-        str(out),
-        "--processes-count",
-        "1",
-        "--thread-count",
-        "16",
-        "--number-sample-per-shard",
-        "12",
-        "--retries",
-        "0",
-        "--timeout",
-        "2",
-        "--max-seconds",
-        "4",
-        "--max-bytes",
-        str(4 * 1024 * 1024),
-        "--allow-networks",
-        f"{WEB_HOST}/32",
-        *extra,
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _download(part: Path, out: Path, *extra: str, env: dict | None = None) -> dict:
+    """Run the download program; its report (printed as JSON outside Dagster)."""
+    cmd = download_cmd(
+        part, out,
+        "--thread-count", "16", "--number-sample-per-shard", "12", "--retries", "0",
+        "--timeout", "2", "--max-seconds", "4", "--max-bytes", str(4 * 1024 * 1024),
+        "--allow-networks", f"{WEB_HOST}/32", *extra,
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[done.stdout.index("{") :])
 
@@ -410,13 +390,14 @@ def test_drifted_images_are_kept_unless_asked_and_counted_either_way(web, tmp_pa
 
 
 def test_a_rerun_after_everything_failed_keeps_every_row_once(web, tmp_path: Path):
-    """Shards are done once written: a rerun changes nothing and duplicates nothing."""
+    """Shards are done once written: a rerun changes nothing and duplicates nothing. Both runs
+    go without dagster importable, as in the programs image."""
     files, urls, inside_url, _ = web
     part = _part(tmp_path, _cases(files, urls, inside_url)[:14])
-    out = tmp_path / "out"
-    _download(part, out)
+    out, env = tmp_path / "out", without_dagster(tmp_path / "no_dagster")
+    _download(part, out, env=env)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    report = _download(part, out)
+    report = _download(part, out, env=env)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert report["shards_this_run"] == 0 and report["attempted"] == 14
     assert _rows(out)["id"].is_unique().all()
@@ -458,22 +439,10 @@ def test_the_allow_list_opens_only_what_it_names():
 
 
 def test_a_bad_allow_list_is_refused_before_any_download(tmp_path: Path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "coyo_platform.downloader",
-            "--metadata",
-            str(tmp_path / "none.parquet"),
-            "--output",
-            str(tmp_path / "out"),
-            "--allow-networks",
-            "10.0.0.0/8,intranet",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    cmd = download_cmd(
+        tmp_path / "none.parquet", tmp_path / "out", "--allow-networks", "10.0.0.0/8,intranet"
     )
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode != 0
     assert "allow_networks: 'intranet' is not an IP network" in done.stderr
     assert not (tmp_path / "out").exists()
@@ -499,16 +468,17 @@ def test_a_download_process_killed_fails_the_run_clearly_and_a_rerun_finishes(we
     files, urls, _, _ = web
     part, out = _gated_part(tmp_path, files, urls), tmp_path / "out"
     Hostile.gate.clear()
-    cmd = [sys.executable, "-m", "coyo_platform.downloader", "--metadata", str(part),
-           "--output", str(out), "--processes-count", "1", "--thread-count", "4",
-           "--number-sample-per-shard", "6", "--allow-networks", f"{WEB_HOST}/32"]  # fmt: skip
+    cmd = download_cmd(
+        part, out, "--thread-count", "4", "--number-sample-per-shard", "6",
+        "--allow-networks", f"{WEB_HOST}/32",
+    )  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not Hostile.web_hits["/gate.jpg"]:  # shard 1 is in flight
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        [worker] = [c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)]
-        os.kill(worker, 9)
+        [pool_process] = [c for c in _children(proc.pid) if b"spawn_main" in _cmdline(c)]
+        os.kill(pool_process, 9)
         _, err = proc.communicate()
     finally:
         Hostile.gate.set()
@@ -534,33 +504,19 @@ def _cmdline(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
-def test_a_second_downloader_on_the_same_folder_is_refused(web, tmp_path: Path):
+def test_a_second_download_on_the_same_folder_is_refused(web, tmp_path: Path):
     import fcntl
 
     files, urls, _, _ = web
     part, out = _gated_part(tmp_path, files, urls), tmp_path / "out"
     out.mkdir()
-    holder = os.open(out, os.O_RDONLY)  # as a running downloader holds it
+    holder = os.open(out, os.O_RDONLY)  # as a running download program holds it
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "coyo_platform.downloader",
-                "--metadata",
-                str(part),
-                "--output",
-                str(out),
-                "--allow-networks",
-                f"{WEB_HOST}/32",
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        cmd = download_cmd(part, out, "--allow-networks", f"{WEB_HOST}/32")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     finally:
         os.close(holder)
     assert done.returncode != 0
-    assert f"another downloader is writing {out}" in done.stderr
+    assert f"another download program is writing {out}" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == []

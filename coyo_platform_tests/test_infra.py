@@ -123,13 +123,13 @@ def test_stack_deploys_and_the_aws_deployment_points_at_it(stack, monkeypatch):
     rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
 
-    # the labeler: GPU task on the worker image, awslogs, the worker's entrypoint
-    labeler = ecs.describe_task_definition(taskDefinition=outputs["LabelerTaskDefinition"])
-    [container] = labeler["taskDefinition"]["containerDefinitions"]
+    # the label task: GPU, on the programs image, awslogs, the label program's entrypoint
+    label = ecs.describe_task_definition(taskDefinition=outputs["LabelTaskDefinition"])
+    [container] = label["taskDefinition"]["containerDefinitions"]
     assert {"type": "GPU", "value": "1"} in container["resourceRequirements"]
     assert container["logConfiguration"]["logDriver"] == "awslogs"
-    assert container["entryPoint"] == ["python", "-m", "coyo_platform.worker"]
-    assert container["image"].endswith(outputs["WorkerRepository"].split("/", 1)[1] + ":v1")
+    assert container["entryPoint"] == ["python", "-m", "coyo_platform.label"]
+    assert container["image"].endswith(outputs["ProgramsRepository"].split("/", 1)[1] + ":v1")
 
     # the Dagster service's environment is what definitions.aws_resources() reads
     dagster_task = ecs.describe_task_definition(taskDefinition=outputs["DagsterTaskDefinition"])
@@ -148,8 +148,8 @@ def test_stack_deploys_and_the_aws_deployment_points_at_it(stack, monkeypatch):
     assert storage.root == outputs["DataRoot"] == f"s3://{bucket}/coyo"
     assert compute.cluster == outputs["Cluster"]
     assert compute.pipes_bucket == bucket
-    assert compute.labeler_task_definition == outputs["LabelerTaskDefinition"]
-    assert compute.downloader_task_definition == outputs["DownloaderTaskDefinition"]
+    assert compute.label_task_definition == outputs["LabelTaskDefinition"]
+    assert compute.download_task_definition == outputs["DownloadTaskDefinition"]
     # moto skips ECS capacity providers (and outputs naming them): check those in the template
     variables = {
         e["Name"]: e["Value"]
@@ -225,16 +225,22 @@ def test_dagster_yaml_is_valid_instance_config(tmp_path, monkeypatch):
 
 
 def test_images_run_what_the_task_definitions_say():
-    resources = template()["Resources"]
-    worker_file = (REPO / "infra" / "Dockerfile.worker").read_text()
-    entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", worker_file, re.M).group(1))
-    labeler = resources["LabelerTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
-    downloader = resources["DownloaderTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
-    assert labeler["EntryPoint"] == entry == ["python", "-m", "coyo_platform.worker"]
-    assert downloader["EntryPoint"] == ["python", "-m", "coyo_platform.downloader"]
+    from coyo_platform.resources import PROGRAMS
 
-    # the worker image installs the base package, whose requirements carry no dagster
-    assert re.search(r"pip install \.\s", worker_file)
+    resources = template()["Resources"]
+    image_file = (REPO / "infra" / "Dockerfile.programs").read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", image_file, re.M).group(1))
+    label = resources["LabelTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    download = resources["DownloadTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    assert label["EntryPoint"] == entry == ["python", "-m", "coyo_platform.label"]
+    assert download["EntryPoint"] == ["python", "-m", "coyo_platform.download"]
+    # each container is named for its program, as EcsCompute overrides it
+    assert {label["Name"], download["Name"]} == set(PROGRAMS)
+    for container in (label, download):
+        assert PROGRAMS[container["Name"]] == container["EntryPoint"][-1]
+
+    # the programs image installs the base package, whose requirements carry no dagster
+    assert re.search(r"pip install \.\s", image_file)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = [re.split(r"[=<>\[ ]", r)[0] for r in project["dependencies"]]
     assert "dagster-pipes" in base

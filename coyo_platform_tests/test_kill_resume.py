@@ -1,10 +1,11 @@
 """A run killed at any point, then rerun, writes exactly what an uninterrupted run writes.
 
-Real processes are SIGKILLed, their whole process group with them (the downloader's pool
-processes, the labeler's loader processes, the Pipes programs the CLI starts), at known points:
+Real processes are SIGKILLed, their whole process group with them (the download program's pool
+processes, the label program's loader processes, the Pipes programs the CLI starts), at known
+points:
 
 - found from outside: a loopback image server whose *gate* URL holds its answer until the test
-  opens it (the downloader is then inside that URL's shard), or files appearing;
+  opens it (the download is then inside that URL's shard), or files appearing;
 - or from inside, for points too brief to hit from outside: a ``sitecustomize`` put on the
   program's ``PYTHONPATH`` SIGKILLs the group just before the n-th ``os.replace`` onto a given
   name, i.e. between a shard's moves into place, or after a file was written under its temporary
@@ -24,7 +25,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -35,9 +35,14 @@ import polars as pl
 import pytest
 
 from coyo_platform import demo
-from coyo_platform_tests.conftest import LOOPBACK, write_tar
+from coyo_platform_tests.conftest import (
+    LOOPBACK,
+    CliRun,
+    download_cmd,
+    label_cmd,
+    write_tar,
+)
 
-BIN = Path(sys.executable).parent
 ROWS, SHARD = 30, 10  # 3 shards
 SHARDS = [f"{i:05d}" for i in range(ROWS // SHARD)]
 GATE_ROW = 13  # in the 2nd shard
@@ -222,14 +227,11 @@ def web(site, tmp_path_factory) -> Iterator[Web]:
         server.server_close()
 
 
-def download_cmd(web: Web, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "coyo_platform.downloader",
-        "--metadata", str(web.part), "--output", str(out),
-        "--processes-count", "1", "--thread-count", "4",
-        "--number-sample-per-shard", str(SHARD), "--image-size", "128",
-        "--allow-networks", LOOPBACK, "--timeout", "5", "--retries", "0",
-    ]  # fmt: skip
+def web_download_cmd(web: Web, out: Path) -> list[str]:
+    return download_cmd(
+        web.part, out, "--thread-count", "4", "--number-sample-per-shard", str(SHARD),
+        "--image-size", "128", "--allow-networks", LOOPBACK, "--timeout", "5", "--retries", "0",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +239,7 @@ def reference(web: Web, tmp_path_factory) -> Path:
     """The uninterrupted download of the part."""
     out = tmp_path_factory.mktemp("reference") / "shards"
     web.gate.open()
-    finish(download_cmd(web, out), out.parent / "log")
+    finish(web_download_cmd(web, out), out.parent / "log")
     return out
 
 
@@ -299,12 +301,12 @@ def assert_same_as(out: Path, reference: Path, ids: list[int]) -> None:
 
 
 def download_report(log: Path) -> dict:
-    """The downloader's last JSON report in ``log`` (run from a shell, it prints it)."""
+    """The download program's last JSON report in ``log`` (run from a shell, it prints it)."""
     text = log.read_text()
     return json.loads(text[text.rindex("\n{") + 1 :])
 
 
-# ---------------------------------------------------------------- the downloader
+# ---------------------------------------------------------------- the download program
 
 #: The 2nd shard's three moves into place; the kill comes before the last of them, whichever it is.
 SHARD_1_COMMIT = r"/00001(\.tar|\.parquet|_stats\.json)$"
@@ -317,7 +319,7 @@ def test_download_killed_then_rerun_equals_an_uninterrupted_run(
     web: Web, reference: Path, tmp_path: Path, point: str
 ):
     out, log = tmp_path / "shards", tmp_path / "log"
-    cmd = download_cmd(web, out)
+    cmd = web_download_cmd(web, out)
     web.gate.open()
     if point == "between shards":
         proc = start(cmd, log)
@@ -349,7 +351,7 @@ def test_download_killed_then_rerun_equals_an_uninterrupted_run(
 def test_download_killed_twice_mid_shard_then_finished(web: Web, reference: Path, tmp_path: Path):
     """Killed while the 2nd shard waits on a URL, rerun and killed there again, then finished."""
     out, log = tmp_path / "shards", tmp_path / "log"
-    cmd = download_cmd(web, out)
+    cmd = web_download_cmd(web, out)
     web.gate.close()
     for attempt in range(2):
         proc = start(cmd, log)
@@ -367,14 +369,14 @@ def test_download_killed_twice_mid_shard_then_finished(web: Web, reference: Path
     assert_same_as(out, reference, web.ids)
 
 
-# ---------------------------------------------------------------- the labeler
+# ---------------------------------------------------------------- the label program
 
 LABEL_SHARDS, PER_SHARD = 8, 5
 
 
 @pytest.fixture(scope="module")
 def tars(site, tmp_path_factory) -> Path:
-    """Downloaded shards as the labeler finds them: tars with their ``_stats.json``."""
+    """Downloaded shards as the label program finds them: tars with their ``_stats.json``."""
     folder = tmp_path_factory.mktemp("tars")
     names = sorted(i.name for i in site.items if i.kind == "photo" and i.name.endswith(".jpg"))
     photos = [(site.images / name).read_bytes() for name in names]
@@ -388,27 +390,29 @@ def tars(site, tmp_path_factory) -> Path:
     return folder
 
 
-def label_cmd(site, shards: Path, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "coyo_platform.worker", "--shards", str(shards),
-        "--output", str(out), "--preset", "timm", "--model", demo.DEMO_MODEL,
-        "--checkpoint", str(site.checkpoint), "--num-workers", "1", "--batch-size", "4",
-    ]  # fmt: skip
+def one_image_batches_cmd(site, shards: Path, out: Path) -> list[str]:
+    """One image per batch, in fp32. A resumed run starts at another shard, so with larger
+    batches it would group images differently from the uninterrupted run, and on this machine
+    kind's CPUs the bits of a result depend on its batch: bf16 autocast's (FACTS.md section 8),
+    and fp32's too (measured on an AMX Xeon: logits up to 1e-10 apart for one image in a batch
+    of 8 or of 3). With one image per batch both runs compute every image alike."""
+    extra = ("--num-workers", "1", "--batch-size", "1", "--precision", "fp32")
+    return label_cmd(shards, out, site.checkpoint, *extra)
 
 
 def labels_in(out: Path) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("*.parquet"))])
 
 
-def test_labeler_killed_mid_write_twice_then_rerun_equals_an_uninterrupted_run(
+def test_label_program_killed_mid_write_twice_then_rerun_equals_an_uninterrupted_run(
     site, tars: Path, tmp_path: Path
 ):
     """Killed while the 3rd shard's parquet is being written (whole under its temporary name, not
-    yet renamed), rerun and killed the same way on the 6th, then finished. Batches span shards, so
-    the resumed runs batch images differently from the uninterrupted one."""
+    yet renamed), rerun and killed the same way on the 6th, then finished: the same rows, to the
+    bit (one image per batch: see ``one_image_batches_cmd``)."""
     reference, out, log = tmp_path / "reference", tmp_path / "labels", tmp_path / "log"
-    finish(label_cmd(site, tars, reference), log)
-    cmd = label_cmd(site, tars, out)
+    finish(one_image_batches_cmd(site, tars, reference), log)
+    cmd = one_image_batches_cmd(site, tars, out)
     for shard in ("00002", "00005", None):
         written = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
         if shard is None:
@@ -439,15 +443,6 @@ def test_labeler_killed_mid_write_twice_then_rerun_equals_an_uninterrupted_run(
 # ---------------------------------------------------------------- coyo-platform run
 
 
-def cli_cmd(site, source: Path, root: Path) -> list[str]:
-    return [
-        str(BIN / "coyo-platform"), "run", "--source", str(source),
-        "--parts", "part-00000", "part-00001", "--data-root", str(root),
-        "--model", demo.DEMO_MODEL, "--checkpoint", str(site.checkpoint), "--preset", "timm",
-        "--threshold", "0.5", "--allow-network", LOOPBACK,
-    ]  # fmt: skip
-
-
 def subset_of(root: Path) -> tuple[dict[str, pl.DataFrame], dict]:
     folder = root / "coyo_labeled_300m"
     parts = {p.name: pl.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
@@ -458,18 +453,16 @@ def subset_of(root: Path) -> tuple[dict[str, pl.DataFrame], dict]:
 
 
 def test_subset_writing_killed_then_rerun_equals_an_uninterrupted_run(
-    site, source: Path, tmp_path: Path
+    cli_run: CliRun, tmp_path: Path
 ):
     """``coyo-platform run`` killed while it writes the 2nd part's subset (the 1st written, the
-    plan made), then run again to the end."""
-    reference, root, log = tmp_path / "reference", tmp_path / "data", tmp_path / "log"
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home_reference")}
-    finish(cli_cmd(site, source, reference), log, env)
+    plan made), then run again to the end; the session's uninterrupted run is the reference."""
+    reference, root, log = cli_run.root, tmp_path / "data", tmp_path / "log"
     # the same inputs (downloads and labels), so the killed run reaches the subset sooner
     for folder in ("coyo700m_metadata", "downloaded_shards", "labeled_shards"):
         shutil.copytree(reference / folder, root / folder)
 
-    cmd = cli_cmd(site, source, root)
+    cmd = [str(root) if arg == str(reference) else arg for arg in cli_run.cmd]
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
     pattern = r"/coyo_labeled_300m/part-00001\.parquet$"
     proc = start(

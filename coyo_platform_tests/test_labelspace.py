@@ -1,6 +1,6 @@
 """The card's label space: 21,841 fall11 classes selected from the model's 21,843 outputs."""
 
-from coyo_platform.core import labelspace
+from coyo_platform.common import labelspace
 
 
 def test_card_example_indices_name_the_card_classes():

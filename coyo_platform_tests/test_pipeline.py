@@ -1,23 +1,27 @@
-"""The whole graph for one partition: a real HTTP server on loopback, img2dataset, the labeler as a
-real subprocess through Dagster Pipes, stats and the subset in the card's exact schema."""
+"""The whole graph for one partition: a real HTTP server on loopback, img2dataset, the label
+program as a real subprocess through Dagster Pipes, stats and the subset in the card's exact
+schema. Both tests read the session's one pipeline run (``conftest.pipeline_run``)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
-import pytest
 
-from coyo_platform.assets.label_stats import label_stats_rollup
-from coyo_platform.core.labelspace import NUM_CLASSES
-from coyo_platform.core.schema import CARD_SCHEMA
-from coyo_platform.core.subset import DEFAULT_THRESHOLD
-from coyo_platform.definitions import CHECKS, PIPELINE, local_resources
-from coyo_platform_tests.conftest import ROWS, SHARD_SIZE, expected_outcomes, fast_run_config
+from coyo_platform.assets.label_stats_rollup import label_stats_rollup
+from coyo_platform.common.formats import CARD_SCHEMA
+from coyo_platform.common.labelspace import NUM_CLASSES
+from coyo_platform.definitions import PIPELINE
+from coyo_platform.sample.rules import DEFAULT_THRESHOLD
+from coyo_platform_tests.conftest import (
+    PART,
+    ROWS,
+    SHARD_SIZE,
+    PipelineRun,
+    expected_outcomes,
+    fast_run_config,
+)
 
-PART = "part-00000"
 EXPECTED_REASONS = {
     "http 404": "download: http 404",
     "connection refused": "download: connection refused",
@@ -37,26 +41,10 @@ def _hamming(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-@pytest.fixture
-def pipeline_run(site, source: Path, tmp_path: Path):
-    root = tmp_path / "data"
-    resources = local_resources(source=str(source), data_root=str(root))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("coyo_parts", [PART])
-        result = dg.materialize(
-            [*PIPELINE, *CHECKS],
-            partition_key=PART,
-            instance=instance,
-            resources=resources,
-            run_config=fast_run_config(site.checkpoint),
-        )
-        yield result, root, resources, instance
-
-
-def test_one_partition_end_to_end(pipeline_run, site, source: Path):
-    result, root, _, _ = pipeline_run
+def test_one_partition_end_to_end(pipeline_run: PipelineRun, site):
+    result, root = pipeline_run.result, pipeline_run.root
     assert result.success
-    part = pl.read_parquet(next(source.glob("part-00000-*.parquet")))
+    part = pl.read_parquet(next(pipeline_run.source.glob("part-00000-*.parquet")))
     outcomes = expected_outcomes(part, site.items)
     photos = outcomes.pop("photo")
 
@@ -121,10 +109,10 @@ def test_one_partition_end_to_end(pipeline_run, site, source: Path):
     # label stats: the card's five thresholds over every labeled image
     stats = _metadata(result, "label_stats")
     assert stats["images_labeled"] == photos
-    table_md = stats["threshold_table"]
+    rows = [r.data["threshold"] for r in stats["threshold_table"].records]
     for t in ("0.05", "0.10", "0.15", "0.20", "0.25"):
-        assert f"| {t} |" in table_md
-    assert "top-1 images" in stats["top1_classes"]
+        assert t in rows
+    assert "top-1 images" in [c.name for c in stats["top1_classes"].schema.columns]
 
     # the checks a user looks at first all pass, with their figures
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -135,9 +123,9 @@ def test_one_partition_end_to_end(pipeline_run, site, source: Path):
     assert coverage["downloaded_images"] == coverage["label_rows"] == photos
 
 
-def test_rerun_resumes_and_rollup_sums_partitions(pipeline_run, site):
-    result, root, resources, instance = pipeline_run
-    first = _metadata(result, "downloaded_shards")
+def test_rerun_resumes_and_rollup_sums_partitions(pipeline_run: PipelineRun, site):
+    resources, instance = pipeline_run.resources, pipeline_run.instance
+    first = _metadata(pipeline_run.result, "downloaded_shards")
     again = dg.materialize(
         PIPELINE[1:3],
         partition_key=PART,

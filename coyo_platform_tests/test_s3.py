@@ -11,14 +11,11 @@ import boto3
 import dagster as dg
 import pytest
 
-from coyo_platform import demo
-from coyo_platform.assets.label_stats import label_stats_rollup
-from coyo_platform.core.storage import Storage
+from coyo_platform.assets.label_stats_rollup import label_stats_rollup
+from coyo_platform.common.storage import Storage
 from coyo_platform.definitions import PIPELINE, local_resources
 from coyo_platform.resources import StorageResource
-from coyo_platform_tests.conftest import ROWS, fast_run_config
-
-PART = "part-00000"
+from coyo_platform_tests.conftest import PART, PipelineRun, fast_run_config
 
 
 def _run(site, source: Path, resources: dict) -> dg.ExecuteInProcessResult:
@@ -52,13 +49,9 @@ def _outputs(store: Storage) -> dict:
 
 
 @pytest.fixture(scope="module")
-def folder_outputs(site, tmp_path_factory) -> dict:
-    """The same parts (same rows, same image server) run on a local folder, once."""
-    tmp = tmp_path_factory.mktemp("folder_run")
-    demo.write_parts(tmp / "source", site.images, site.items, site.base_url, parts=2, rows=ROWS)
-    resources = local_resources(source=str(tmp / "source"), data_root=str(tmp / "data"))
-    _run(site, tmp / "source", resources)
-    return _outputs(resources["storage"].store())
+def folder_outputs(pipeline_run: PipelineRun) -> dict:
+    """The same parts (same rows, same image server) run on a local folder: the session's run."""
+    return _outputs(pipeline_run.resources["storage"].store())
 
 
 @pytest.mark.parametrize("endpoint", ["AWS_ENDPOINT_URL", "endpoint_url setting"])

@@ -1,8 +1,8 @@
-"""S3 faults on real traffic: s3fs, polars, boto3 and the labeler worker talk to moto's S3 server
+"""S3 faults on real traffic: s3fs, polars, boto3 and the label program talk to moto's S3 server
 through a proxy that throttles (503 SlowDown, 429 ThrottlingException) or drops a write mid-body
 (``faults.FaultProxy``). Throttling and a server stopped mid-upload are retried with backoff, by
-the settings in ``core.storage``; a write that never completes leaves no object, so nothing
-half-written can count as done; the worker's shards come out as they do without faults."""
+the settings in ``common.storage``; a write that never completes leaves no object, so nothing
+half-written can count as done; the label program's shards come out as they do without faults."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -22,10 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import BotoCoreError
 
-from coyo_platform import demo
-from coyo_platform.core import storage
-from coyo_platform.core.storage import Storage
-from coyo_platform_tests.conftest import write_tar
+from coyo_platform.common import storage
+from coyo_platform.common.storage import Storage
+from coyo_platform_tests.conftest import label_cmd, photo_shards
 from coyo_platform_tests.faults import FaultProxy
 
 THROTTLES = {
@@ -208,49 +206,27 @@ def test_failed_local_write_leaves_no_temp_file(tmp_path: Path, monkeypatch):
     assert (tmp_path / "a.bin").read_bytes() == b"old"
 
 
-# -- the worker, end to end ---------------------------------------------------------------------
+# -- the label program, end to end --------------------------------------------------------------
 
 SHARDS, PER_SHARD = 2, 4
 
 
-def _worker(site, shards: Path, out: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "coyo_platform.worker",
-        "--shards",
-        str(shards),
-        "--output",
-        out,
-        "--preset",
-        "timm",
-        "--model",
-        demo.DEMO_MODEL,
-        "--checkpoint",
-        str(site.checkpoint),
-        "--num-workers",
-        "0",
-    ]
-
-
-def test_worker_through_throttling_and_a_cut_write_labels_as_without_faults(
+def test_label_program_through_throttling_and_a_cut_write_labels_as_without_faults(
     site, tmp_path: Path, proxy, s3_bucket, s3_endpoint, bucket
 ):
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    photos = [p.read_bytes() for p in sorted(site.images.glob("*.jpg"))[:PER_SHARD]]
-    for s in range(SHARDS):
-        samples = [(f"{s:05d}{i:04d}", p, {"id": s * 100 + i}) for i, p in enumerate(photos)]
-        write_tar(shards / f"{s:05d}.tar", samples)
+    shards = photo_shards(site, tmp_path / "shards", SHARDS, PER_SHARD)
 
-    clean = tmp_path / "clean"  # the same worker, no S3, no faults
-    subprocess.run(_worker(site, shards, str(clean)), capture_output=True, check=True)
+    def label(out) -> list[str]:
+        return label_cmd(shards, out, site.checkpoint, "--num-workers", "0")
+
+    clean = tmp_path / "clean"  # the same program, no S3, no faults
+    subprocess.run(label(clean), capture_output=True, check=True)
 
     out = f"s3://{s3_bucket}/coyo/labeled_shards/part-00000"
     proxy.throttle(1, methods=["HEAD", "GET"])  # its "already labeled?" checks
     proxy.throttle(2, methods=["PUT"])  # then a shard's upload: throttled twice,
     proxy.cut_writes(1)  # then cut mid-body
-    done = subprocess.run(_worker(site, shards, out), capture_output=True, text=True)
+    done = subprocess.run(label(out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["shards_labeled"] == SHARDS
     assert proxy.count(outcome="throttled") == 3 and proxy.count("PUT", "cut") == 1

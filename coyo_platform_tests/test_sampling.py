@@ -13,14 +13,19 @@ import pyarrow as pa
 import pytest
 
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
-from coyo_platform.assets.label_stats import label_stats, label_stats_rollup
+from coyo_platform.assets.label_stats import label_stats
+from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.assets.subset_manifest import subset_manifest
 from coyo_platform.assets.subset_plan import subset_plan
-from coyo_platform.core import plan as plans
-from coyo_platform.core import stats
-from coyo_platform.core.storage import Storage
+from coyo_platform.common import layout
+from coyo_platform.common.formats import LABELED_FILE_OPTIONS, LABELED_SCHEMA
+from coyo_platform.common.storage import Storage
 from coyo_platform.resources import StorageResource
-from coyo_platform.worker.labeler import LABELED_FILE_OPTIONS, LABELED_SCHEMA
+from coyo_platform.sample import plan as plans
+from coyo_platform.sample import rules
+from coyo_platform.sample.subset import build_subset
+from coyo_platform.stats import aggregate as stats
+from coyo_platform.stats.report import threshold_rows
 
 #: float32(0.7) is just below 0.7: an image at exactly that probability is not "above 0.7".
 BELOW_07 = float(np.float32(0.7))
@@ -128,17 +133,17 @@ def test_partition_aggregates_equal_a_direct_count_over_all_rows(dataset):
         assert index.column("phash").to_pylist() == sorted(index.column("phash").to_pylist())
     merged = stats.merge_aggregates(aggs)
     everything = [r for rows in parts.values() for r in rows]
-    assert merged["images"] == len(_ok(everything))
-    assert merged["failed"] == len(everything) - len(_ok(everything))
-    for t, got in zip(ODD_THRESHOLDS, merged["thresholds"], strict=True):
+    assert merged.images == len(_ok(everything))
+    assert merged.failed == len(everything) - len(_ok(everything))
+    for t, got in zip(ODD_THRESHOLDS, merged.thresholds, strict=True):
         want = _direct(everything, t)
-        assert {k: got[k] for k in want} == want, t
-    assert got["kept"] == sum(r["label_probs"][0] == 1.0 for r in _ok(everything))
+        assert {k: getattr(got, k) for k in want} == want, t
+    assert got.kept == sum(r["label_probs"][0] == 1.0 for r in _ok(everything))
     top1 = [np.float32(r["label_probs"][0]) for r in _ok(everything)]
-    fine = np.bincount(plans.fine_bin(np.array(top1)), minlength=stats.FINE_BINS)
-    assert merged["top1_fine"] == {str(b): int(n) for b, n in enumerate(fine) if n}
-    assert sum(merged["top1_histogram"]) == merged["images"]
-    table = {r["threshold"]: r for r in stats.threshold_table(merged)}
+    fine = np.bincount(stats.bin_of(np.array(top1), stats.FINE_BINS), minlength=stats.FINE_BINS)
+    assert merged.top1_fine == {str(b): int(n) for b, n in enumerate(fine) if n}
+    assert sum(merged.top1_histogram) == merged.images
+    table = {r["threshold"]: r for r in threshold_rows(merged)}
     assert table[0.7]["images_kept"] == sum(float(p) >= 0.7 for p in top1)  # f32(0.7) < 0.7
 
 
@@ -158,7 +163,7 @@ def test_target_threshold_is_exact_to_the_row(seed: int):
     values = np.concatenate(
         [rng.random(3000), rng.choice([0.25, 0.5, BELOW_07], 400), rng.random(50) * 1e-4, [1.0] * 7]
     ).astype(np.float32)
-    bins = plans.fine_bin(values)
+    bins = stats.bin_of(values, stats.FINE_BINS)
     histogram = {int(b): int(n) for b, n in zip(*np.unique(bins, return_counts=True), strict=True)}
 
     def values_in_bins(lo: int, hi: int) -> np.ndarray:
@@ -175,12 +180,12 @@ def test_target_threshold_is_exact_to_the_row(seed: int):
     assert ties  # the repeated values make such gaps
     for target in (1, 5, 7, 8, 200, 1000, 1234, 2000, 3456, 3457, len(values), 10**6, *ties[:5]):
         want = _closest(values, target)
-        got = plans.threshold_for_target(histogram, target, values_in_bins)
+        got = rules.threshold_for_target(histogram, target, values_in_bins)
         assert got == want, target
         assert got[1] == int((values >= got[0]).sum())
 
 
-def _brute_force_subset(parts: dict[str, list[dict]], sampling: plans.Sampling, t: float) -> set:
+def _brute_force_subset(parts: dict[str, list[dict]], sampling: rules.Sampling, t: float) -> set:
     ok = [r for rows in parts.values() for r in _ok(rows)]
     order = sorted(ok, key=lambda r: (-float(np.float32(r["label_probs"][0])), r["id"]))
     if sampling.dedup:
@@ -205,56 +210,57 @@ def _brute_force_subset(parts: dict[str, list[dict]], sampling: plans.Sampling, 
 @pytest.mark.parametrize(
     "sampling",
     [
-        plans.Sampling(threshold=0.5),
-        plans.Sampling(target_rows=400, dedup=True),
-        plans.Sampling(target_fraction=0.35, class_cap=9),
-        plans.Sampling(target_rows=250, dedup=True, class_cap=6),
+        rules.Sampling(threshold=0.5),
+        rules.Sampling(target_rows=400, dedup=True),
+        rules.Sampling(target_fraction=0.35, class_cap=9),
+        rules.Sampling(target_rows=250, dedup=True, class_cap=6),
     ],
     ids=["threshold", "target+dedup", "fraction+cap", "target+dedup+cap"],
 )
-def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: plans.Sampling, monkeypatch):
+def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling, monkeypatch):
     root, parts = dataset
     store = Storage(str(root))
     for key in parts:
         files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
         agg, index = stats.aggregate_files(store.scan_parquet, files)
-        store.write_parquet(plans.index_url(store, key), index)
-        store.write_json(store.url("label_stats", f"{key}.json"), agg)
+        store.write_parquet(layout.index(store, key), index)
+        store.write_json(layout.stats(store, key), agg.to_json())
     # small buckets and cap groups, so that the bounded-memory paths really take several passes
-    monkeypatch.setattr(plans, "BUCKET_ROWS", 300)
+    monkeypatch.setattr(rules, "BUCKET_ROWS", 300)
+    monkeypatch.setattr(rules, "CAP_ROWS", 100_000)
     plan = plans.make_plan(store, sorted(parts), sampling, log=lambda _: None)
+    if sampling.dedup:  # the patched bucket size took effect: several pHash ranges, one file each
+        assert len(store.glob(plan.duplicates_glob)) > 1
     # the rule commutes with the threshold: rules first, then the cut, equals the brute force
-    want = _brute_force_subset(parts, sampling, plan["threshold"])
+    want = _brute_force_subset(parts, sampling, plan.threshold)
     got: set = set()
     for key in parts:
         duplicates, cutoffs = plans.partition_filters(store, plan, key)
         files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
-        from coyo_platform.core.subset import build_subset
-
         table, _ = build_subset(
             store.scan_parquet(files),
             store.scan_parquet(str(root / "coyo700m_metadata" / f"{key}.parquet")),
-            plan["threshold"],
+            plan.threshold,
             duplicates,
             cutoffs,
         )
         ids = set(table.column("id").to_pylist())
-        assert len(ids) == table.num_rows == plan["rows_per_partition"][key]
+        assert len(ids) == table.num_rows == plan.rows_per_partition[key]
         assert not ids & got  # never the same image twice
         got |= ids
     assert got == want
-    assert plan["rows"] == len(want)
+    assert plan.rows == len(want)
     if sampling.target_rows or sampling.target_fraction:
-        target = sampling.target_rows or round(sampling.target_fraction * plan["images_labeled"])
+        target = sampling.target_rows or round(sampling.target_fraction * plan.images_labeled)
         eligible = _brute_force_subset(parts, sampling, 0.0)
-        sizes = {len(_brute_force_subset(parts, sampling, t)) for t in (0.0, plan["threshold"])}
-        assert plan["target_rows"] == target and len(eligible) >= 1 and sizes
+        sizes = {len(_brute_force_subset(parts, sampling, t)) for t in (0.0, plan.threshold)}
+        assert plan.target_rows == target and len(eligible) >= 1 and sizes
         # no threshold gets closer: every other candidate value is at least as far away
         values = sorted(
             {float(np.float32(r["label_probs"][0])) for rows in parts.values() for r in _ok(rows)}
         )
         best = min(abs(len(_brute_force_subset(parts, sampling, v)) - target) for v in values)
-        assert abs(plan["rows"] - target) == best
+        assert abs(plan.rows - target) == best
     if sampling.class_cap:
         tops = [r["labels"][0] for rows in parts.values() for r in rows if r["id"] in got]
         assert max(tops.count(c) for c in set(tops)) <= sampling.class_cap
@@ -262,13 +268,13 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: plans.Sampling
 
 def test_plan_refuses_contradictory_or_out_of_range_settings():
     with pytest.raises(ValueError, match="one of threshold, target_rows, target_fraction"):
-        plans.Sampling(threshold=0.3, target_rows=10)
+        rules.Sampling(threshold=0.3, target_rows=10)
     with pytest.raises(ValueError, match="threshold must be in"):
-        plans.Sampling(threshold=1.5)
+        rules.Sampling(threshold=1.5)
     with pytest.raises(ValueError, match="target_fraction must be in"):
-        plans.Sampling(target_fraction=0.0)
+        rules.Sampling(target_fraction=0.0)
     with pytest.raises(ValueError, match="class_cap must be >= 1"):
-        plans.Sampling(class_cap=0)
+        rules.Sampling(class_cap=0)
     with pytest.raises(ValueError, match="thresholds must be in"):
         stats.check_thresholds([0.1, 2.0])
 
@@ -300,8 +306,8 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         assert planned.success
         [mat] = planned.asset_materializations_for_node("subset_plan")
         plan = plans.read_plan(Storage(str(root)))
-        assert mat.metadata["rows"].value == plan["rows"] and plan["duplicates_dropped"] > 0
-        assert abs(plan["rows"] - 500) <= 3  # the tied values leave a little slack here
+        assert mat.metadata["rows"].value == plan.rows and plan.duplicates_dropped > 0
+        assert abs(plan.rows - 500) <= 3  # the tied values leave a little slack here
 
         # the same decision again: plan.json refreshed, no new materialization, subsets kept
         again = _materialize([subset_plan], instance, root, config=config)
@@ -310,13 +316,13 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         # a run killed after writing plan.json but before Dagster recorded it: the rerun of the
         # same settings must record the plan (else the subsets would never refresh)
         store = Storage(str(root))
-        killed = plans.make_plan(store, sorted(parts), plans.Sampling(threshold=0.5))
-        store.write_json(store.url("subset_plan", plans.PLAN_FILE), killed)
+        killed = plans.make_plan(store, sorted(parts), rules.Sampling(threshold=0.5))
+        plans.write_plan(store, killed)
         rerun = _materialize([subset_plan], instance, root, config={"threshold": 0.5})
         assert rerun.success and rerun.asset_materializations_for_node("subset_plan")
         back = _materialize([subset_plan], instance, root, config=config)
         assert back.asset_materializations_for_node("subset_plan")
-        assert plans.read_plan(store)["digest"] == plan["digest"]
+        assert plans.read_plan(store).digest == plan.digest
 
         for key in list(parts)[:2]:
             assert _materialize([coyo_labeled_300m, card_schema], instance, root, key).success
@@ -330,7 +336,7 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         [check] = manifest.get_asset_check_evaluations()
         assert check.passed
         written = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
-        assert written.height == plan["rows"] and written["id"].n_unique() == written.height
+        assert written.height == plan.rows and written["id"].n_unique() == written.height
         assert written["imagehash"].n_unique() == written.height  # deduplicated across parts
 
         # a new plan makes the old subsets stale, and the manifest says which
@@ -344,7 +350,7 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         instance.add_dynamic_partitions("coyo_parts", ["part-00009"])
         _write_partition(root, "part-00009", _rows(40, 9, 90_000, ["00000000000000aa"]))
         folders = [p for p in (root / "subset_plan").iterdir() if p.is_dir()]
-        current = plans.read_plan(Storage(str(root)))["folder"].rsplit("/", 1)[-1]
+        current = plans.read_plan(Storage(str(root))).folder.rsplit("/", 1)[-1]
         # the current plan's files; the earlier dedup plans' are gone (the last one had none)
         assert [p.name for p in folders] == [current]
         lonely = _materialize([coyo_labeled_300m], instance, root, "part-00009")

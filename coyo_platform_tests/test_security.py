@@ -5,8 +5,8 @@ The pipeline runs for one partition with its storage root on S3 (moto's S3 serve
 under distinctive fake credentials, session token included, as an ECS task role's are. Then every
 place a secret could end up is read back: every record of the Dagster instance's event log (logs,
 Pipes messages, materialization metadata), the run records, every file of the instance's folder
-(its SQLite databases and compute logs), the terminal output of the run and of the downloader and
-worker subprocesses, and every object in the bucket (parquet decoded, so compression hides
+(its SQLite databases and compute logs), the terminal output of the run and of the download and
+label subprocesses, and every object in the bucket (parquet decoded, so compression hides
 nothing)."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import torch
 from dagster._serdes import serialize_value
 
-from coyo_platform.definitions import CHECKS, PIPELINE, ROLLUPS, defs, local_resources
-from coyo_platform_tests.conftest import fast_run_config
-from coyo_platform_tests.test_bad_input import one_shard, run_worker
+from coyo_platform.definitions import PIPELINE, ROLLUPS, defs, local_resources
+from coyo_platform_tests.conftest import materialize_pipeline
+from coyo_platform_tests.test_bad_input import one_shard, run_label
 
 PART = "part-00000"
 # Letters and digits only, so that a URL-encoded or JSON-escaped copy is still the same string.
@@ -91,14 +91,8 @@ def test_no_credential_in_logs_metadata_or_storage(
     home.mkdir()
     try:
         with dg.instance_for_test(temp_dir=str(home)) as instance:
-            instance.add_dynamic_partitions("coyo_parts", [PART])
-            pipeline = dg.materialize(
-                [*PIPELINE, *CHECKS],
-                partition_key=PART,
-                instance=instance,
-                resources=resources,
-                run_config=fast_run_config(site.checkpoint),
-                raise_on_error=False,
+            pipeline = materialize_pipeline(
+                instance, resources, site.checkpoint, raise_on_error=False
             )
             rollups = dg.materialize(
                 ROLLUPS, instance=instance, resources=resources, raise_on_error=False
@@ -121,7 +115,7 @@ def test_no_credential_in_logs_metadata_or_storage(
     # what was read is the real thing: the run's logs, Pipes messages and metadata
     pipes = events[f"event log of run {pipeline.run_id}"]
     assert "images_labeled" in pipes and "labeling " in pipes and "threshold_table" in pipes
-    assert "-m coyo_platform.worker" in pipes and "-m coyo_platform.downloader" in pipes
+    assert "-m coyo_platform.label" in pipes and "-m coyo_platform.download" in pipes
     assert (
         "STEP_SUCCESS" in err
     )  # Dagster's console log, and the programs' own output, were captured
@@ -146,6 +140,14 @@ def test_no_credential_in_logs_metadata_or_storage(
     assert stats.metadata["chart"].value == f"{root}/label_stats/{PART}.png"
     assert "chart_image" not in stats.metadata
 
+    # every asset of the definitions was materialized here, so each was checked against the
+    # refusing IO manager
+    materialized = {
+        e.asset_key for result in (pipeline, rollups) for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+    }  # fmt: skip
+    assert materialized == {key for asset in defs.assets for key in asset.keys}
+
     # no asset output was stored by an IO manager (the default one pickles)
     handled = [
         e.event_type_value
@@ -156,12 +158,26 @@ def test_no_credential_in_logs_metadata_or_storage(
     assert handled == []
 
 
-def test_every_asset_is_covered_by_the_io_manager_check():
-    """The run above materializes every asset the definitions have, so every asset was checked
-    against :class:`RefusingIOManager`."""
-    declared = {key for asset in defs.assets for key in asset.keys}
-    covered = {key for asset in [*PIPELINE, *ROLLUPS] for key in asset.keys}
-    assert declared == covered
+def test_every_asset_module_is_in_the_definitions():
+    """Every asset defined in ``coyo_platform/assets/`` is wired into the definitions (so the
+    run above, which materializes all of them, checked each against the refusing IO manager),
+    and the run above materializes exactly the definitions' assets."""
+    import importlib
+    import pkgutil
+
+    import coyo_platform.assets as package
+
+    defined = set()
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        defined |= {
+            key
+            for value in vars(module).values()
+            if isinstance(value, dg.AssetsDefinition)
+            for key in value.keys
+        }
+    assert defined == {key for asset in defs.assets for key in asset.keys}
+    assert {key for asset in [*PIPELINE, *ROLLUPS] for key in asset.keys} == defined
 
     @dg.asset
     def returns_a_value() -> int:
@@ -199,7 +215,7 @@ def test_pickled_checkpoint_is_refused_and_never_run(site, tmp_path: Path):
     weights = torch.load(site.checkpoint, weights_only=True)
     torch.save({"state_dict": weights, "extra": _Payload(str(marker))}, evil)
 
-    done = run_worker(one_shard(site, tmp_path), tmp_path / "out", evil)
+    done = run_label(one_shard(site, tmp_path), tmp_path / "out", evil)
     assert done.returncode != 0
     refused = f"checkpoint {evil}: refused: loading it needs pickled code ({os.mkdir.__module__}"
     assert refused + ".mkdir)" in done.stderr, done.stderr[-3000:]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coyo_platform.core import sources
+from coyo_platform.ingest import sources
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ import random
 import polars as pl
 import pytest
 
-from coyo_platform.core import stats
+from coyo_platform.stats import aggregate as stats
+from coyo_platform.stats.report import threshold_rows
 
 
 def _labels(n: int, seed: int) -> pl.DataFrame:
@@ -40,7 +41,7 @@ def _direct_table(frame: pl.DataFrame, t: float) -> tuple[float, int, float]:
 
 def test_threshold_table_matches_a_direct_count():
     frame = _labels(400, seed=1)
-    table = stats.threshold_table(stats.partial_aggregate(frame.lazy()))
+    table = threshold_rows(stats.partial_aggregate(frame.lazy()))
     assert [r["threshold"] for r in table] == list(stats.CARD_THRESHOLDS)
     for row in table:
         per_image, unique, share = _direct_table(frame, row["threshold"])
@@ -56,8 +57,8 @@ def test_merged_partitions_equal_one_pass_over_all_rows():
     )
     whole = stats.partial_aggregate(pl.concat([a, b]).lazy())
     assert merged == whole
-    assert sum(whole["top1_histogram"]) == whole["images"]
-    assert whole["failed"] == len([i for i in range(150) if i % 17 == 0]) + len(
+    assert sum(whole.top1_histogram) == whole.images
+    assert whole.failed == len([i for i in range(150) if i % 17 == 0]) + len(
         [i for i in range(230) if i % 17 == 0]
     )
 

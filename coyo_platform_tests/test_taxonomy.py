@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from coyo_platform.assets.label_names import NOT_BUILT, label_names
-from coyo_platform.core import labelspace, taxonomy
+from coyo_platform.common import labelspace, taxonomy
 from coyo_platform.resources import StorageResource
 
 # a small DAG: R is the root; C has two parents; D has a long and a short path up to R
@@ -169,7 +169,8 @@ def test_asset_writes_classes_and_hierarchy(tmp_path: Path):
     [mat] = result.asset_materializations_for_node("label_names")
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert meta["classes"] == 21_841
-    assert "| 0 | n00004475 | organism |" in meta["preview"]
+    first = meta["preview"].records[0].data
+    assert (first["label"], first["wnid"], first["name"]) == (0, "n00004475", "organism")
     assert (meta["classes_with_parent"], meta["roots"], meta["max_depth"]) == (2, 1, 2)
     assert meta["classes_missing_from_file"] == 21_841 - 3
     assert meta["hierarchy_path"].endswith("taxonomy/hierarchy.parquet")

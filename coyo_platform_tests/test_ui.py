@@ -1,6 +1,6 @@
-"""The Dagster UI, looked at as a person would: after a small run by ``coyo-platform run``, the
-webserver on loopback over that instance, opened in headless Chromium (Debian's ``chromium``,
-installed by ``make test``). Screenshots land in the test's temp folder."""
+"""The Dagster UI, looked at as a person would: after a small run by ``coyo-platform run`` (the
+session's ``cli_run``), the webserver on loopback over that instance, opened in headless Chromium
+(Debian's ``chromium``, installed by ``make test``). Screenshots land in the test's temp folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,12 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coyo_platform import demo
 from coyo_platform.definitions import PIPELINE
+from coyo_platform_tests.conftest import BIN, CliRun
 
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-PART = "part-00000"
 
 
 def _free_port() -> int:
@@ -41,16 +38,9 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def webserver(site, source: Path, tmp_path: Path):
-    home, root = tmp_path / "dagster_home", tmp_path / "data"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "COYO_DATA_ROOT": str(root),
-           "COYO_SOURCE": str(source)}  # fmt: skip
-    done = subprocess.run(
-        [str(BIN / "coyo-platform"), "run", "--parts", PART, "--limit", "12",
-         "--model", demo.DEMO_MODEL, "--checkpoint", str(site.checkpoint), "--preset", "timm"],
-        env=env, capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+def webserver(cli_run: CliRun):
+    env = {**os.environ, "DAGSTER_HOME": str(cli_run.home), "COYO_DATA_ROOT": str(cli_run.root),
+           "COYO_SOURCE": str(cli_run.source)}  # fmt: skip
     port = _free_port()
     server = subprocess.Popen(
         [str(BIN / "dagster-webserver"), "-w", "workspace.yaml",
@@ -81,7 +71,7 @@ def test_asset_graph_and_label_stats_in_a_real_browser(webserver: str, tmp_path:
         assert asset.key.to_user_string() in dom, f"{asset.key} missing from the asset graph"
     with Image.open(graph) as shot:
         assert shot.size == (1400, 1000)
-        assert len(set(shot.convert("L").resize((64, 64)).getdata())) > 8, "a blank page"
+        assert len(set(shot.convert("L").resize((64, 64)).tobytes())) > 8, "a blank page"
 
     stats = tmp_path / "label_stats.png"
     page = f"{webserver}/assets/label_stats"

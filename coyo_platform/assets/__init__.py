@@ -1,12 +1,24 @@
 """One module per asset, in data-flow order: coyo700m_metadata -> downloaded_shards ->
-labeled_shards -> label_stats -> coyo_labeled_300m. Each is a thin wrapper: the logic lives in
-``coyo_platform.core`` (and the two programs, ``downloader`` and ``worker``)."""
+labeled_shards -> label_stats -> (label_stats_rollup, subset_plan) -> coyo_labeled_300m ->
+subset_manifest; and label_names beside them. Each is a thin wrapper over its stage package
+(``ingest``, ``download``, ``label``, ``stats``, ``sample``); what they share is here: the group,
+the automation and retry policies, the launchpad config derived from each stage's settings, and
+metadata tables."""
+
+from __future__ import annotations
+
+import os
+import typing
+import warnings
+from typing import Any, ClassVar
+
+import dagster as dg
+import pydantic
+
+from coyo_platform.common import settings as declared
+from coyo_platform.common.tables import Table
 
 GROUP = "coyo_labeled_300m"
-
-import warnings  # noqa: E402
-
-import dagster as dg  # noqa: E402
 
 # Partitioned asset checks and backfill policies are marked beta/preview in Dagster 1.13; the
 # platform relies on both, knowingly, and users need not see the notice at every load.
@@ -26,14 +38,89 @@ REFRESH = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_block
 #: ``label_stats``'s partitions).
 REFRESH_ROLLUP = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 
-#: Steps that run a program (network, S3, a GPU instance that can be reclaimed) are retried twice,
-#: after 0-20 s then 20-40 s (exponential backoff, 10 s base, with jitter); bad input raises
-#: ``dg.Failure(allow_retries=False)`` instead and is never retried.
 #: Backfills run each partition on its own (downloads and labeling are hours each at full size;
 #: stats and subset carry per-partition metadata); one policy for all, so that jobs mixing the
 #: assets stay one run per partition.
 ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
 
-TRANSIENT_RETRIES = dg.RetryPolicy(
-    max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-)
+#: The base delay of :func:`transient_retries`, in seconds (the test suite sets it to 0).
+RETRY_DELAY_VARIABLE = "COYO_RETRY_DELAY_SECONDS"
+
+
+def transient_retries() -> dg.RetryPolicy:
+    """Steps that run a program (network, S3, a GPU instance that can be reclaimed) are retried
+    twice, after 0-20 s then 20-40 s (exponential backoff from a 10 s base, with jitter); bad
+    input raises ``dg.Failure(allow_retries=False)`` instead and is never retried."""
+    delay = float(os.environ.get(RETRY_DELAY_VARIABLE, "10"))
+    return dg.RetryPolicy(
+        max_retries=2, delay=delay, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+    )
+
+
+TRANSIENT_RETRIES = transient_retries()
+
+
+class StageConfig(dg.Config):
+    """A launchpad config derived from a stage's settings dataclass (:func:`config_for`)."""
+
+    settings_class: ClassVar[type]
+
+    def to_settings(self) -> Any:
+        """The stage's settings (``ValueError`` for a bad value)."""
+        values = self.model_dump()
+        return self.settings_class(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        )
+
+
+def config_for(settings_class: type, name: str) -> type[StageConfig]:
+    """The ``dg.Config`` of a stage's settings: the same fields, defaults, help and types (a
+    tuple setting is a list in the launchpad)."""
+    fields: dict[str, Any] = {}
+    for field, kind in declared.fields_of(settings_class):
+        annotation: Any = list[kind.scalar] if kind.many else kind.scalar
+        if kind.optional:
+            annotation = annotation | None
+        help_text = field.metadata[declared.HELP]
+        if kind.many and field.default is not None:
+            default = tuple(field.default)
+            spec = pydantic.Field(default_factory=lambda d=default: list(d), description=help_text)
+        else:
+            spec = pydantic.Field(field.default, description=help_text)
+        fields[field.name] = (annotation, spec)
+    config = pydantic.create_model(
+        name, __base__=StageConfig, __doc__=settings_class.__doc__, **fields
+    )
+    config.settings_class = settings_class
+    return config
+
+
+def config_class_of(asset: dg.AssetsDefinition) -> type[StageConfig] | None:
+    """The launchpad config an asset takes, if it is a stage's."""
+    hints = typing.get_type_hints(asset.op.compute_fn.decorated_fn)
+    config = hints.get("config")
+    return config if isinstance(config, type) and issubclass(config, StageConfig) else None
+
+
+def settings_or_fail(config: StageConfig, asset: str) -> Any:
+    """The stage's settings, or a failure that names the asset and is not retried."""
+    try:
+        return config.to_settings()
+    except ValueError as err:
+        raise dg.Failure(description=f"{asset}: bad settings: {err}", allow_retries=False) from err
+
+
+def bad_input(message: str) -> dg.Failure:
+    """A failure of the input itself (a missing part, nothing downloaded): retrying won't help."""
+    return dg.Failure(description=message, allow_retries=False)
+
+
+def metadata_table(table: Table) -> dg.TableMetadataValue:
+    columns = [dg.TableColumn(name, kind) for name, kind in table.columns.items()]
+    records = [dg.TableRecord({k: r.get(k) for k in table.columns}) for r in table.records]
+    return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
+
+
+def location(url: str) -> dg.MetadataValue:
+    """A source or output location: a link for URLs, a path for folders."""
+    return dg.MetadataValue.url(url) if "://" in url else dg.MetadataValue.path(url)

@@ -1,15 +1,19 @@
 import dagster as dg
 
-from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN
-from coyo_platform.core.metadata import copy_part
-from coyo_platform.core.schema import BadPartError
+from coyo_platform.assets import (
+    GROUP,
+    ONE_PARTITION_PER_RUN,
+    bad_input,
+    config_for,
+    location,
+    settings_or_fail,
+)
+from coyo_platform.ingest.metadata import IngestSettings, copy_part
+from coyo_platform.ingest.schema import BadPartError
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
 
-
-class MetadataConfig(dg.Config):
-    limit: int | None = None
-    """Keep only the first N rows of the part (a first try on a real part)."""
+MetadataConfig = config_for(IngestSettings, "MetadataConfig")
 
 
 @dg.asset(
@@ -25,21 +29,18 @@ def coyo700m_metadata(
     storage: StorageResource,
 ) -> dg.MaterializeResult:
     """COYO-700M rows of one source part, checked against the 17-column schema, in storage."""
+    settings = settings_or_fail(config, "coyo700m_metadata")
     try:
-        part = copy_part(
-            source.location, context.partition_key, storage.store(), limit=config.limit
-        )
-    except (BadPartError, FileNotFoundError, ValueError) as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        part = copy_part(source.location, context.partition_key, storage.store(), settings)
+    except (BadPartError, FileNotFoundError, ValueError) as exc:  # the part itself: not retried
+        raise bad_input(str(exc)) from exc
     return dg.MaterializeResult(
         metadata={
             "rows": part.rows,
             "rows_in_source_part": part.source_rows if part.source_rows is not None else "not read",
-            "limit": config.limit or "none",
+            "limit": settings.limit or "none",
             "unique_urls": part.unique_urls,
-            "source": dg.MetadataValue.url(part.source_url)
-            if "://" in part.source_url
-            else dg.MetadataValue.path(part.source_url),
+            "source": location(part.source_url),
             "path": dg.MetadataValue.path(part.url),
             "bytes_written": part.bytes_written,
         }

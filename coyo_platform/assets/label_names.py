@@ -6,18 +6,15 @@ the card's label order, each synset's lemmas and its WordNet definition, but no 
 (and nltk's WordNet is not installed). So ``classes.parquet`` is always built from timm, and
 ``hierarchy.parquet`` only from a file the user provides: ImageNet's ``wordnet.is_a.txt``
 (``parent_wnid child_wnid`` per line), a local path or any fsspec URL. Logic in
-``coyo_platform.core.taxonomy``.
+``coyo_platform.common.taxonomy``.
 """
 
 import dagster as dg
-import fsspec
 
-from coyo_platform.assets import GROUP
-from coyo_platform.core import taxonomy
-from coyo_platform.core.storage import Storage
+from coyo_platform.assets import GROUP, bad_input, metadata_table
+from coyo_platform.common import taxonomy
 from coyo_platform.resources import StorageResource
 
-TAXONOMY = "taxonomy"
 NOT_BUILT = "not built: timm ships no is-a relations; set is_a_file to ImageNet's wordnet.is_a.txt"
 
 
@@ -26,42 +23,24 @@ class LabelNamesConfig(dg.Config):
     """A wordnet.is_a.txt-style file: local path or any fsspec URL such as s3://."""
 
 
-def _read_text(store: Storage, path: str) -> str:
-    """The file's text, through the storage root's filesystem (and endpoint) when it shares its
-    protocol. A missing file is bad input: a Failure that is not retried."""
-    same = fsspec.utils.get_protocol(path) == fsspec.utils.get_protocol(store.root)
-    fs = store.fs if same else fsspec.core.url_to_fs(path)[0]
-    if not fs.exists(path):
-        raise dg.Failure(description=f"is_a_file not found: {path}", allow_retries=False)
-    with fs.open(path, "rb") as fh:
-        return fh.read().decode()
-
-
 @dg.asset(group_name=GROUP, kinds={"parquet"})
 def label_names(config: LabelNamesConfig, storage: StorageResource) -> dg.MaterializeResult:
     """The 21,841 card classes (label, wnid, name, lemmas, definition) and, given ImageNet's
     wordnet.is_a.txt, each class's parents, ancestors and depth."""
-    store = storage.store()
-    classes = taxonomy.classes_table()
-    hierarchy = None
-    if config.is_a_file:
-        try:
-            pairs = taxonomy.parse_is_a(_read_text(store, config.is_a_file))
-            hierarchy = taxonomy.hierarchy_table(pairs, classes)
-        except ValueError as exc:  # a malformed line or a cycle: bad input, not retried
-            raise dg.Failure(description=f"{config.is_a_file}: {exc}", allow_retries=False) from exc
-    url = store.url(TAXONOMY, "classes.parquet")
-    store.write_parquet(url, classes.to_arrow())
+    try:
+        written = taxonomy.write_tables(storage.store(), config.is_a_file)
+    except FileNotFoundError as exc:
+        raise bad_input(str(exc)) from exc
+    except ValueError as exc:  # a malformed line or a cycle: bad input, not retried
+        raise bad_input(f"{config.is_a_file}: {exc}") from exc
     metadata: dict = {
-        "classes": len(classes),
-        "preview": dg.MetadataValue.md(taxonomy.preview_markdown(classes)),
-        "classes_path": dg.MetadataValue.path(url),
+        "classes": len(written.classes),
+        "preview": metadata_table(taxonomy.preview_table(written.classes)),
+        "classes_path": dg.MetadataValue.path(written.classes_url),
     }
-    if hierarchy is None:
+    if written.hierarchy is None:
         metadata["hierarchy"] = NOT_BUILT
     else:
-        hierarchy_url = store.url(TAXONOMY, "hierarchy.parquet")
-        store.write_parquet(hierarchy_url, hierarchy.to_arrow())
-        metadata["hierarchy_path"] = dg.MetadataValue.path(hierarchy_url)
-        metadata.update(taxonomy.hierarchy_summary(pairs, hierarchy))
+        metadata["hierarchy_path"] = dg.MetadataValue.path(written.hierarchy_url)
+        metadata.update(taxonomy.hierarchy_summary(written.pairs, written.hierarchy))
     return dg.MaterializeResult(metadata=metadata)

@@ -1,13 +1,12 @@
-"""The subset's manifest (logic in ``core.manifest``) and a check that it is complete."""
+"""The subset's manifest (logic in ``sample.manifest``) and a check that it is complete."""
 
 import dagster as dg
 
 from coyo_platform.assets import GROUP, REFRESH_ROLLUP
 from coyo_platform.assets.coyo_labeled_300m import coyo_labeled_300m
-from coyo_platform.core import plan as plans
-from coyo_platform.core.manifest import MANIFEST_FILE, build_manifest
-from coyo_platform.core.storage import SUBSET
 from coyo_platform.resources import StorageResource
+from coyo_platform.sample.manifest import write_manifest
+from coyo_platform.sample.plan import current_plan
 
 
 @dg.asset(
@@ -21,27 +20,25 @@ def subset_manifest(storage: StorageResource):
     """Every subset part with its rows, bytes and plan; the check fails while a planned part is
     missing, stale (written under another plan) or has a row count the plan did not count."""
     store = storage.store()
-    plan = plans.read_plan(store) or plans.default_plan()
-    manifest = build_manifest(store, plan)
-    url = store.url(SUBSET, MANIFEST_FILE)
-    store.write_json(url, manifest)
+    manifest, url = write_manifest(store, current_plan(store))
+    summary = manifest.to_json()
     yield dg.MaterializeResult(
         metadata={
-            "rows": manifest["rows"],
-            "partitions": manifest["partitions"],
-            "bytes": manifest["bytes"],
-            "threshold": manifest["threshold"],
-            "plan_digest": manifest["plan_digest"],
+            "rows": summary["rows"],
+            "partitions": summary["partitions"],
+            "bytes": summary["bytes"],
+            "threshold": manifest.threshold,
+            "plan_digest": manifest.plan_digest,
             "path": dg.MetadataValue.path(url),
         }
     )
     yield dg.AssetCheckResult(
         check_name="subset_complete",
-        passed=manifest["complete"],
+        passed=manifest.complete,
         metadata={
             "problems": dg.MetadataValue.md(
-                "\n".join(f"- {p}" for p in manifest["problems"][:50]) or "none"
+                "\n".join(f"- {p}" for p in manifest.problems[:50]) or "none"
             ),
-            "missing": len(manifest["missing"]),
+            "missing": len(manifest.missing),
         },
     )

@@ -1,28 +1,16 @@
 """The sampling plan: the threshold (given, or found for a target size), pHash deduplication and
-class caps, decided once over every partition with label stats (logic in ``core.plan``)."""
+class caps, decided once over every partition with label stats (logic in ``sample.plan``)."""
 
 import dagster as dg
 
-from coyo_platform.assets import GROUP, REFRESH_ROLLUP
-from coyo_platform.assets.label_stats import label_stats, stats_partitions
-from coyo_platform.core import plan as plans
-from coyo_platform.core.storage import PLAN
+from coyo_platform.assets import GROUP, REFRESH_ROLLUP, bad_input, config_for, settings_or_fail
+from coyo_platform.assets.label_stats import label_stats
+from coyo_platform.common import layout
 from coyo_platform.resources import StorageResource
+from coyo_platform.sample.plan import NoStats, plan_and_write
+from coyo_platform.sample.rules import Sampling
 
-
-class PlanConfig(dg.Config):
-    """Give one of threshold, target_rows, target_fraction (none: threshold 0.30)."""
-
-    threshold: float | None = None
-    """Keep images whose top-1 probability is >= this."""
-    target_rows: int | None = None
-    """Pick the threshold whose subset is closest to this many images (exact to the row)."""
-    target_fraction: float | None = None
-    """Like target_rows, as a fraction of all labeled images (e.g. 0.4)."""
-    dedup: bool = False
-    """Keep one image per pHash across all partitions: the highest top-1, then the smallest id."""
-    class_cap: int | None = None
-    """At most this many images per top-1 class (its highest top-1 ones, then smallest ids)."""
+PlanConfig = config_for(Sampling, "PlanConfig")
 
 
 def recorded_digest(context: dg.AssetExecutionContext) -> str | None:
@@ -45,40 +33,29 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
     (same settings and threshold; for global settings also the same partitions, duplicates and
     caps) updates ``plan.json`` but records no new materialization, so the subsets, which refresh
     when the plan does, are not rewritten for nothing."""
-    try:
-        sampling = plans.Sampling(**config.model_dump())
-    except ValueError as err:
-        raise dg.Failure(f"subset_plan: {err}", allow_retries=False) from err
+    sampling = settings_or_fail(config, "subset_plan")
     store = storage.store()
-    keys = stats_partitions(store)
-    if not keys:
-        raise dg.Failure(
-            "subset_plan: no partition has label stats yet; materialize label_stats first",
-            allow_retries=False,
-        )
-    previous = plans.read_plan(store)
-    plan = plans.make_plan(store, keys, sampling, log=context.log.info)
-    store.write_json(store.url(PLAN, plans.PLAN_FILE), plan)
-    plans.prune(store, keep=[plan["folder"], previous and previous.get("folder")])
+    try:
+        plan, _ = plan_and_write(store, sampling, log=context.log.info)
+    except NoStats as err:  # label stats come first
+        raise bad_input(f"subset_plan: {err}") from err
     # compared with the last *recorded* plan, not plan.json: a run killed between writing
     # plan.json and recording it must still record it, or the subsets would never refresh
-    if recorded_digest(context) == plan["digest"]:
-        context.log.info(f"plan unchanged ({plan['digest']}): subsets stay as they are")
+    if recorded_digest(context) == plan.digest:
+        context.log.info(f"plan unchanged ({plan.digest}): subsets stay as they are")
         return
     yield dg.MaterializeResult(
         metadata={
-            "threshold": plan["threshold"],
-            "target_rows": plan["target_rows"] or 0,
-            "rows": plan["rows"],
-            "images_labeled": plan["images_labeled"],
-            "share_kept": round(plan["rows"] / plan["images_labeled"], 4)
-            if plan["images_labeled"]
-            else 0.0,
-            "duplicates_dropped": plan["duplicates_dropped"],
-            "classes_capped": plan["classes_capped"],
-            "partitions": len(plan["partitions"]),
-            "digest": plan["digest"],
-            "rows_per_partition": dg.MetadataValue.json(plan["rows_per_partition"]),
-            "path": dg.MetadataValue.path(store.url(PLAN, plans.PLAN_FILE)),
+            "threshold": plan.threshold,
+            "target_rows": plan.target_rows or 0,
+            "rows": plan.rows,
+            "images_labeled": plan.images_labeled,
+            "share_kept": plan.share_kept,
+            "duplicates_dropped": plan.duplicates_dropped,
+            "classes_capped": plan.classes_capped,
+            "partitions": len(plan.partitions),
+            "digest": plan.digest,
+            "rows_per_partition": dg.MetadataValue.json(plan.rows_per_partition),
+            "path": dg.MetadataValue.path(layout.plan(store)),
         }
     )

@@ -1,0 +1,142 @@
+"""Every path below the storage root, in one place. Each stage writes below a folder named for
+its asset::
+
+    <root>/coyo700m_metadata/<part>.parquet
+    <root>/downloaded_shards/<part>/NNNNN.tar|.parquet|_stats.json    (img2dataset's layout)
+    <root>/labeled_shards/<part>/NNNNN.parquet
+    <root>/label_stats/<part>.json|.index.parquet|.png, _all_partitions.json|.png, _classes.parquet
+    <root>/subset_plan/plan.json, <root>/subset_plan/<plan id>/duplicates/NNNNN.parquet,
+        <root>/subset_plan/<plan id>/class_cutoffs.parquet
+    <root>/coyo_labeled_300m/<part>.parquet, _manifest.json
+    <root>/taxonomy/classes.parquet, hierarchy.parquet
+
+The programs are handed folders (a partition's shards, its labels) and name the shard files in
+them with :func:`shard_file`; the download program builds each shard in :func:`staging` first.
+Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+from coyo_platform.common.storage import Storage, is_local
+
+METADATA = "coyo700m_metadata"
+DOWNLOADS = "downloaded_shards"
+LABELS = "labeled_shards"
+STATS = "label_stats"
+PLAN = "subset_plan"
+SUBSET = "coyo_labeled_300m"
+TAXONOMY = "taxonomy"
+
+STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
+ROLLUP = "_all_partitions"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "_manifest.json"
+
+
+def metadata(store: Storage, key: str) -> str:
+    return store.url(METADATA, f"{key}.parquet")
+
+
+def shards(store: Storage, key: str) -> str:
+    """The folder of a partition's downloaded shards."""
+    return store.url(DOWNLOADS, key)
+
+
+def labels(store: Storage, key: str) -> str:
+    """The folder of a partition's labeled shards."""
+    return store.url(LABELS, key)
+
+
+def shard_file(folder: str, shard: str, suffix: str) -> str:
+    """``<folder>/<shard><suffix>``: ``.tar``, ``.parquet`` or ``_stats.json``."""
+    return f"{folder.rstrip('/')}/{shard}{suffix}"
+
+
+def staging(folder: str) -> str:
+    """Where the download program builds shards before they move into ``folder``: its ``_tmp``
+    on a local disk (a rename away), else one folder per output URL in this machine's temp
+    folder (an upload away)."""
+    if is_local(folder):
+        return os.path.join(folder, "_tmp")
+    digest = hashlib.sha1(folder.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "coyo-staging", digest)
+
+
+def shard_name(url: str) -> str:
+    """``.../00042.tar`` or ``.../00042_stats.json`` -> ``00042``."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(STATS_DONE).rsplit(".", 1)[0]
+
+
+def stats(store: Storage, key: str) -> str:
+    return store.url(STATS, f"{key}.json")
+
+
+def index(store: Storage, key: str) -> str:
+    """A partition's index for the plan: id, pHash, top-1 (``stats.aggregate.INDEX_SCHEMA``)."""
+    return store.url(STATS, f"{key}.index.parquet")
+
+
+def rollup(store: Storage) -> str:
+    return store.url(STATS, f"{ROLLUP}.json")
+
+
+def chart(stats_url: str) -> str:
+    """The PNG beside a stats JSON (a partition's or the roll-up's)."""
+    return stats_url.removesuffix(".json") + ".png"
+
+
+def class_counts(store: Storage) -> str:
+    return store.url(STATS, "_classes.parquet")
+
+
+def partitions_with_stats(store: Storage) -> list[str]:
+    """Partition keys whose stats JSON and index are both written (a plan reads both)."""
+    names = {p.rsplit("/", 1)[-1] for p in store.glob(store.url(STATS, "*"))}
+    keys = [n.removesuffix(".json") for n in names if n.endswith(".json") and n[0] != "_"]
+    return sorted(k for k in keys if f"{k}.index.parquet" in names)
+
+
+def plan(store: Storage) -> str:
+    return store.url(PLAN, PLAN_FILE)
+
+
+def plan_folder(store: Storage, plan_id: str) -> str:
+    """Where one plan's files (duplicates, class cutoffs) go; a new plan gets a new folder."""
+    return store.url(PLAN, plan_id)
+
+
+def plan_folders(store: Storage) -> list[str]:
+    return [p for p in store.glob(store.url(PLAN, "*")) if not p.endswith(PLAN_FILE)]
+
+
+def duplicates(folder: str, bucket: int | None = None) -> str:
+    """One pHash range's dropped duplicates in a plan folder, or (no bucket) a glob of all."""
+    return f"{folder}/duplicates/{'*' if bucket is None else f'{bucket:05d}'}.parquet"
+
+
+def class_cutoffs(folder: str) -> str:
+    return f"{folder}/class_cutoffs.parquet"
+
+
+def subset(store: Storage, key: str) -> str:
+    return store.url(SUBSET, f"{key}.parquet")
+
+
+def subset_files(store: Storage) -> dict[str, str]:
+    """The subset's part files by partition key."""
+    files = store.glob(store.url(SUBSET, "*.parquet"))
+    return {f.rsplit("/", 1)[-1].removesuffix(".parquet"): f for f in files}
+
+
+def manifest(store: Storage) -> str:
+    return store.url(SUBSET, MANIFEST_FILE)
+
+
+def taxonomy(store: Storage, table: str) -> str:
+    """``classes`` or ``hierarchy``."""
+    return store.url(TAXONOMY, f"{table}.parquet")

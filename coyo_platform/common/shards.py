@@ -1,0 +1,97 @@
+"""Which shards are done, read from storage alone: the two programs, the sensors and the checks
+all list them here. A person can ask the same questions without Dagster.
+
+A downloaded shard is *finished* when its ``NNNNN_stats.json`` exists: the download program moves
+it into place after the shard's tar and parquet (``download/shard.py``), img2dataset writes it last
+too, and img2dataset's incremental mode uses the same test. So shards that an img2dataset run
+outside Dagster (a Spark cluster, say) is still writing are never picked up. A labeled shard is
+done when its parquet exists (written whole, ``label/writer.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from coyo_platform.common import layout
+from coyo_platform.common.storage import Storage
+
+_KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def tars(store: Storage, folder: str) -> list[str]:
+    """The tars in a downloaded-shards ``folder``, finished or not, in shard order."""
+    return store.glob(layout.shard_file(folder, "*", ".tar"))
+
+
+def finished(store: Storage, folder: str) -> list[str]:
+    """Names (``00000``) of the shards finished in a downloaded-shards ``folder`` (any URL)."""
+    done = store.glob(layout.shard_file(folder, "*", layout.STATS_DONE))
+    return sorted(layout.shard_name(p) for p in done)
+
+
+def labeled(store: Storage, folder: str) -> set[str]:
+    """Names of the shards with labels in a labeled-shards ``folder``."""
+    return {layout.shard_name(p) for p in store.glob(layout.shard_file(folder, "*", ".parquet"))}
+
+
+def unlabeled(store: Storage, key: str) -> list[str]:
+    """Finished shards of the partition without their labels."""
+    done = labeled(store, layout.labels(store, key))
+    return [s for s in finished(store, layout.shards(store, key)) if s not in done]
+
+
+def downloaded_partitions(store: Storage) -> list[str]:
+    """Partition keys that have a shard folder under the storage root (written by this platform
+    or by img2dataset run elsewhere into the same layout)."""
+    root = store.url(layout.DOWNLOADS)
+    if not store.exists(root):
+        return []
+    entries = store.fs.ls(root, detail=True)  # one listing: names and types together
+    names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"}
+    return sorted(n for n in names if _KEY.match(n))
+
+
+def download_counts(store: Storage, key: str, done: list[str] | None = None) -> tuple[int, int]:
+    """(attempted, succeeded) over the partition's finished shards, from the per-shard parquet
+    (one row per input URL with its ``status``)."""
+    folder = layout.shards(store, key)
+    done = finished(store, folder) if done is None else done
+    files = [layout.shard_file(folder, s, ".parquet") for s in done]
+    if not files:
+        return 0, 0
+    counts = store.scan_parquet(files).select(
+        pl.len().alias("attempted"), (pl.col("status") == "success").sum().alias("succeeded")
+    )
+    row = counts.collect().row(0)
+    return int(row[0]), int(row[1])
+
+
+@dataclass
+class Coverage:
+    """Downloaded images against label rows (labeled, or recorded as failed with a reason):
+    equal, with every finished shard labeled, when nothing was lost."""
+
+    downloaded_images: int
+    label_rows: int
+    unlabeled_shards: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unlabeled_shards and self.label_rows == self.downloaded_images
+
+
+def label_coverage(store: Storage, key: str) -> Coverage:
+    done = finished(store, layout.shards(store, key))
+    _, downloaded = download_counts(store, key, done)
+    files = label_files(store, key)
+    rows = store.scan_parquet(files).select(pl.len()).collect().item() if files else 0
+    present = {layout.shard_name(f) for f in files}
+    return Coverage(downloaded, int(rows), [s for s in done if s not in present])
+
+
+def label_files(store: Storage, key: str) -> list[str]:
+    """The partition's labeled-shard parquets, in shard order."""
+    return store.glob(layout.shard_file(layout.labels(store, key), "*", ".parquet"))

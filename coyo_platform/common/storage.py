@@ -1,0 +1,204 @@
+"""One storage root, local folder or ``s3://bucket/prefix``, through fsspec. Where each stage's
+files go below the root is ``common/layout.py``'s business; this module reads and writes.
+
+Writes are atomic for readers: a file is written under a temporary name and then moved into place
+(a rename on a local disk; on S3 an object only appears once its upload completes). So "done" can
+be read off a file's existence (a labeled shard's parquet, a downloaded shard's ``_stats.json``):
+a write cut short leaves nothing at the name. On a local disk a killed process can leave its
+``<name>.tmp-<hex>`` behind, under a name no reader looks for; the next write of that name
+deletes it (``remove_stale_temp``), so a rerun leaves none.
+On S3 there is nothing to clean: a PUT that does not complete leaves no object (and a failed
+multipart upload is aborted by s3fs).
+
+S3 faults are retried with exponential backoff, by settings pinned here (``S3_*`` and
+``POLARS_RETRY_OPTIONS`` below) rather than by whatever the installed libraries default to:
+
+* s3fs (writes, listings, small reads, everything on ``Storage.fs``): botocore's ``standard``
+  retry mode retries throttling codes (``SlowDown``, ``ThrottlingException``,
+  ``TooManyRequestsException``, ...), HTTP 500/502/503/504 and dropped, reset, refused or
+  timed-out connections (a server gone mid-upload: the PUT's body is sent again whole), sleeping
+  ``rand(0, 1) * min(2 ** attempt, 20)`` s between attempts; its retry quota stops retrying for a
+  while when most requests fail. A bare HTTP 429 without one of those codes (a HEAD's reply has no
+  body) is not retried; S3 itself throttles with 503 ``SlowDown``. Around each call s3fs has its
+  own loop (``S3FS_RETRIES`` rounds, ``0.1 * 1.7 ** i`` s apart) for what outlasts botocore's
+  attempts: a ``SlowDown``, a connection closed before the reply, a timeout, and a GET body cut
+  mid-stream, which botocore cannot see (not a reset while sending, a refused connection or a
+  HEAD's bare 503: those are botocore's alone). A call failing for good so makes up to
+  ``S3_MAX_ATTEMPTS * S3FS_RETRIES`` attempts, about 2 minutes of backoff, then raises:
+  ``OSError`` (EBUSY) for throttling, botocore's ``ConnectionClosedError`` or
+  ``EndpointConnectionError`` (naming the URL) for a server that is gone. aiohttp may also resend
+  an idempotent request (GET, PUT) once, at once, when a reused keep-alive connection drops.
+* polars (``scan_parquet``): object_store's own loop retries 5xx, 429 and connection errors with
+  exponential backoff, configured through ``storage_options``; after a connection error polars
+  also rebuilds its client and tries once more.
+
+A write that finally fails has left nothing at its name.
+
+S3 credentials come from the standard AWS chain (environment, profile, instance or task role),
+never from settings. An S3-compatible store is reached through the standard ``AWS_ENDPOINT_URL``
+variable, which s3fs, polars and boto3 all read, or through ``endpoint_url`` here, which this
+class hands to fsspec and polars alike and, through ``env()``, to the programs it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEMP_MARK = ".tmp-"  # a local write's temporary name: <name>.tmp-<hex>
+
+#: botocore's retry policy for every s3fs call: the AWS SDKs' common one (see the module docstring).
+S3_RETRY_MODE = "standard"
+#: Attempts per S3 request, the first included: 7 sleeps of rand(0, 1) * 1, 2, 4, 8, 16, 20, 20 s,
+#: about 35 s in all (71 s at most), to ride out a throttling burst or a store restarting.
+S3_MAX_ATTEMPTS = 8
+#: Rounds of s3fs's own loop around each call (its default is 5): 3 keeps a dead store's failure
+#: to about 2 minutes, and still retries GET bodies cut mid-stream, which botocore cannot.
+S3FS_RETRIES = 3
+#: polars' (object_store's) retries for ``scan_parquet``, the same order of patience: up to 10
+#: retries, 250 ms growing to 15 s apart, within 2 minutes.
+POLARS_RETRY_OPTIONS = {
+    "max_retries": 10,
+    "retry_init_backoff_ms": 250,
+    "retry_max_backoff_ms": 15_000,
+    "retry_base_multiplier": 2,
+    "retry_timeout_ms": 120_000,
+}
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` names a place on this machine's disk: a plain path or ``file://``."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The plain path of a local ``url`` (``file:///a/b`` -> ``/a/b``)."""
+    return url.removeprefix("file://")
+
+
+class Storage:
+    """Paths and atomic writes below one root URL."""
+
+    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
+        if is_local(root):  # one spelling for a local root: an absolute plain path
+            root = os.path.abspath(local_path(root))
+        self.root = root.rstrip("/")
+        self.endpoint_url = endpoint_url or None
+        self.is_local = is_local(self.root)
+        options: dict = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        if not self.is_local:  # sensors list the same root every tick in a long-lived process
+            options["use_listings_cache"] = False
+            # total_max_attempts counts the first request; botocore's max_attempts would not
+            retries = {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS}
+            options["config_kwargs"] = {"retries": retries}
+        self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
+        if not self.is_local:  # not a constructor argument; instances with these options share it
+            self.fs.retries = S3FS_RETRIES
+
+    def env(self) -> dict[str, str]:
+        """Environment for a program that reads and writes this root (the endpoint, if set)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url} if self.endpoint_url else {}
+
+    def scan_parquet(self, urls: str | list[str]) -> pl.LazyFrame:
+        """``pl.scan_parquet`` with this root's endpoint and retry settings."""
+        options: dict[str, Any] = dict(POLARS_RETRY_OPTIONS)
+        if self.endpoint_url:
+            options["aws_endpoint_url"] = self.endpoint_url
+        return pl.scan_parquet(urls, storage_options=options)
+
+    def url(self, *parts: str) -> str:
+        """The URL of ``parts`` joined below the root."""
+        return "/".join([self.root, *(p.strip("/") for p in parts)])
+
+    def exists(self, url: str) -> bool:
+        return self.fs.exists(url)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Matching URLs, sorted, with the root's protocol kept."""
+        found = sorted(self.fs.glob(pattern))
+        if self.is_local:
+            return found
+        protocol = self.root.split("://", 1)[0]
+        return [p if "://" in p else f"{protocol}://{p}" for p in found]
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write ``data`` to ``url`` so that a reader sees the old file, or the whole new one."""
+        if not self.is_local:
+            self.fs.pipe_file(url, data)  # one PUT: the object appears whole or not at all
+            return
+        os.makedirs(os.path.dirname(url), exist_ok=True)
+        self.remove_stale_temp(url)  # what a process killed while writing this file left
+        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"  # the pid: see remove_stale_temp
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, url)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def remove_stale_temp(self, prefix_url: str) -> int:
+        """Delete the ``<prefix_url>.tmp-*`` files that writes killed midway left (``prefix_url``
+        may hold glob wildcards: ``url(folder, "*")`` cleans a folder); returns how many. Only
+        for temp files whose writing process is gone (the pid in the name). On S3 there are none: a
+        no-op that returns 0."""
+        if not self.is_local:
+            return 0
+        stale = [
+            path
+            for path in self.fs.glob(f"{prefix_url}{TEMP_MARK}*")
+            if not _writer_alive(path.rsplit(TEMP_MARK, 1)[1])
+        ]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return len(stale)
+
+    def write_parquet(self, url: str, table: pa.Table, **options: Any) -> None:
+        """``options`` go to ``pq.write_table`` (default: zstd)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **{"compression": "zstd", **options})
+        self.write_bytes(url, buf.getvalue())
+
+    def write_json(self, url: str, value: Any) -> None:
+        self.write_bytes(url, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def read_json(self, url: str) -> Any:
+        with self.fs.open(url, "rb") as fh:
+            return json.load(fh)
+
+    def presigned_url(self, url: str, seconds: int) -> str | None:
+        """An https address a browser can fetch for ``seconds`` (S3), or None (a local folder)."""
+        if self.is_local:
+            return None
+        return self.fs.sign(url, expiration=seconds)
+
+    def size(self, url: str) -> int:
+        return int(self.fs.size(url))
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the process that named a temp file ``<url>.tmp-<pid>-<hex>`` still runs (on this
+    machine): its file is then a write in progress, not a leftover."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,165 @@
+"""Download (or resume) one partition: the shards not done yet, in a pool of processes, one
+download per output folder at a time; a summary of every finished shard at the end.
+
+img2dataset's ``Reader`` cuts the part into arrow files (in a local temp folder) and skips done
+shards; a spawn pool runs :class:`shard.ShardDownloader` on them, retrying failed shards once
+(img2dataset's ``max_shard_retry``). Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import polars as pl
+
+from coyo_platform.common import layout, shards
+from coyo_platform.common.storage import Storage, is_local
+from coyo_platform.download.settings import DownloadSettings
+from coyo_platform.download.shard import ShardDownloader, clear_staging
+from coyo_platform.download.summary import DownloadSummary, summarize
+
+OnShard = Callable[[int, dict[str, int]], None]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool processes end when the download program dies (SIGKILL included): an orphan left writing
+    shards would race the rerun. Linux's PR_SET_PDEATHSIG; elsewhere, nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above: too late for it
+            os._exit(1)
+
+
+@contextlib.contextmanager
+def _exclusive(output: str) -> Iterator[None]:
+    """One download program per local output folder at a time (an flock on the folder itself, which
+    the kernel drops when the holder dies): a second one, or one left running by a killed
+    parent, would commit the same shards. S3 outputs have no such lock; Dagster runs one
+    materialization of a partition at a time."""
+    if not is_local(output):
+        yield
+        return
+    folder = os.open(output, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another download program is writing {output}; stop it (or wait) and rerun"
+            ) from None
+        yield
+    finally:
+        os.close(folder)
+
+
+def run_shards(
+    metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
+) -> list[int]:
+    """Download every shard of the part not done yet; returns the shard ids that failed."""
+    from img2dataset.reader import Reader
+
+    store = Storage(output)
+    output = store.root
+    store.fs.makedirs(output, exist_ok=True)
+    with _exclusive(output), tempfile.TemporaryDirectory(prefix="coyo-download-") as tmp:
+        clear_staging(output)  # a killed run's staging
+        done = {int(s) for s in shards.finished(store, store.root) if s.isdigit()}
+        reader = Reader(
+            metadata_url,
+            "parquet",
+            "url",
+            "text",
+            None,
+            None,
+            ["id", "image_phash"],
+            settings.number_sample_per_shard,
+            done,
+            tmp,
+            0,
+        )
+        shard = ShardDownloader(output, settings, reader.column_list)
+        failed = _run_pool(shard, list(reader), settings.processes, output, on_shard)
+        clear_staging(output)
+    return sorted(row[0] for row in failed)
+
+
+def _run_pool(
+    shard: ShardDownloader, todo: list, processes: int, output: str, on_shard: OnShard | None
+) -> list[tuple[int, str]]:
+    failed: list[tuple[int, str]] = []
+    with ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
+        for _attempt in range(2):  # img2dataset's max_shard_retry=1
+            failed = []
+            try:
+                for ok, row, counts in pool.map(shard, todo):
+                    if ok and on_shard is not None:
+                        on_shard(row[0], counts)
+                    if not ok:
+                        failed.append(row)
+            except BrokenProcessPool as exc:  # killed by the OOM killer, or a decoder crash
+                raise RuntimeError(
+                    f"a download process died (out of memory? a crashing decoder?) while "
+                    f"writing {output}; finished shards are kept, rerun to resume"
+                ) from exc
+            if not failed:
+                break
+            todo = failed
+    return failed
+
+
+def _check_shard_size(store: Storage, done: list[str], rows: int, size: int) -> None:
+    """Shards already there must have been cut like this run cuts them, or rows would be lost or
+    doubled: read the first finished shard's row count."""
+    if not done:
+        return
+    first = done[0]
+    expected = min(size, rows - int(first) * size)
+    stats_file = layout.shard_file(store.root, first, layout.STATS_DONE)
+    count = store.read_json(stats_file).get("count")
+    if count != expected:
+        raise ValueError(
+            f"{stats_file} holds {count} rows, but number_sample_per_shard={size} makes that "
+            f"shard {max(expected, 0)} rows: rerun with the setting the folder was started "
+            f"with, or delete {store.root} to start over"
+        )
+
+
+def download_partition(
+    metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
+) -> DownloadSummary:
+    """Download (or resume) a partition; raise if shards are left unfinished."""
+    store = Storage(output)
+    output = store.root
+    rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
+    expected = math.ceil(rows / settings.number_sample_per_shard)
+    before = shards.finished(store, store.root)
+    _check_shard_size(store, before, rows, settings.number_sample_per_shard)
+    start = time.monotonic()
+    if len(before) < expected:
+        run_shards(metadata_url, output, settings, on_shard)
+    clear_staging(output)  # also what a run killed after its last shard left
+    summary = summarize(store, set(before), time.monotonic() - start, settings.drift_distance)
+    missing = expected - summary.shards
+    if missing > 0:
+        raise RuntimeError(
+            f"{summary.shards} of {expected} shards finished in {output}; "
+            f"{missing} failed. Rerun to resume: finished shards are kept."
+        )
+    return summary

@@ -1,0 +1,281 @@
+"""One shard, downloaded and written whole or not at all.
+
+img2dataset does the resizing (``Resizer``, COYO's recipe) and the webdataset/parquet writing
+(``WebDatasetSampleWriter``). Around them: every URL goes through the guard (``fetch.py``), every
+image through :func:`inspect.inspect`, every row gets one status, and the shard is built in a
+staging folder (``<output>/_tmp`` on a local disk, a local temp folder for S3) and moved into
+place tar, parquet, then ``NNNNN_stats.json`` last: the file img2dataset's incremental mode, the
+label program and the sensors all take as "done". A shard killed at any point is redone from
+scratch.
+
+``id`` and ``image_phash`` ride along with every sample so labels join back on COYO's id.
+Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.pool import ThreadPool
+from threading import Semaphore
+from typing import Any
+
+import pyarrow as pa
+
+from coyo_platform.common import layout
+from coyo_platform.common.storage import Storage
+from coyo_platform.download import fetch
+from coyo_platform.download.inspect import Fetched, inspect
+from coyo_platform.download.settings import DownloadSettings
+from coyo_platform.download.statuses import DRIFTED, FAILED, FAILED_TO_RESIZE, SUCCESS
+from coyo_platform.download.statuses import failure_reason as reason_of
+
+#: Columns the shard's parquet adds to the part's own (img2dataset's, plus the pHash check).
+SHARD_COLUMNS = (
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("sha256", pa.string()),
+    ("phash", pa.string()),
+    ("phash_distance", pa.int32()),
+)
+
+
+def clear_staging(output: str) -> None:
+    """Remove what a killed run staged (local disk or, for S3, this machine's temp folder)."""
+    shutil.rmtree(layout.staging(output), ignore_errors=True)
+
+
+class ShardDownloader:
+    """Downloads one shard (img2dataset's Reader gives ``(shard_id, arrow_file)``) into place.
+
+    Pickled into each pool process (spawn); holds only plain settings and img2dataset's Resizer.
+    """
+
+    def __init__(self, output: str, settings: DownloadSettings, column_list: list[str]) -> None:
+        from img2dataset.resizer import Resizer
+
+        self.output = output.rstrip("/")
+        self.settings = settings
+        self.column_list = column_list
+        self.resizer = Resizer(
+            image_size=settings.image_size,
+            resize_mode=settings.resize_mode,
+            resize_only_if_bigger=settings.resize_only_if_bigger,
+            upscale_interpolation="lanczos",
+            downscale_interpolation="area",
+            encode_quality=95,
+            encode_format="jpg",
+            skip_reencode=settings.skip_reencode,
+            disable_all_reencoding=False,
+            min_image_size=settings.min_image_size,
+            max_image_area=float("inf"),
+            max_aspect_ratio=settings.max_aspect_ratio,
+        )
+        self.oom_shard_count = 5  # img2dataset's default: 00000.tar
+        self.oom_sample_per_shard = math.ceil(math.log10(settings.number_sample_per_shard))
+
+    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str], dict[str, int]]:
+        try:
+            return True, row, self.download_shard(*row)
+        except Exception as exc:  # noqa: BLE001 - reported, the shard is retried or left undone
+            print(f"shard {row[0]} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return False, row, {}
+
+    def download_shard(self, shard_id: int, arrow_file: str) -> dict[str, int]:
+        """Fetch, inspect, resize and write every row of the shard; returns its status counts."""
+        import fsspec
+
+        start = time.time()
+        with fsspec.open(arrow_file, "rb") as fh:
+            table = pa.ipc.open_file(fh).read_all()
+        rows = table.select(self.column_list).to_pylist()
+        schema = table.schema
+        for name, kind in SHARD_COLUMNS:
+            schema = schema.append(pa.field(name, kind))
+        staging = os.path.join(layout.staging(self.output), f"shard-{shard_id}-{uuid.uuid4().hex}")
+        os.makedirs(staging, exist_ok=True)
+        try:
+            counts, reasons = self._write(shard_id, rows, schema, staging)
+            name = f"{shard_id:0{self.oom_shard_count}d}"
+            stats = _stats_file(len(rows), counts, reasons, start)
+            with open(os.path.join(staging, name + layout.STATS_DONE), "w") as fh:
+                json.dump(stats, fh, indent=1)
+            self._commit(name, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dict(counts)
+
+    def _write(
+        self, shard_id: int, rows: list[dict[str, Any]], schema: pa.Schema, staging: str
+    ) -> tuple[Counter[str], Counter[str]]:
+        """Every row into the staging folder's tar and parquet, as its fetch comes back."""
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        writer = WebDatasetSampleWriter(
+            shard_id, staging, True, self.oom_shard_count, schema, "jpg"
+        )
+        counts: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        with contextlib.closing(self._fetched(rows)) as fetched:
+            for got in fetched:
+                row = rows[got.key]
+                image, meta = self._sample(shard_id, row, got)
+                counts[meta["status"]] += 1
+                status, message = meta["status"], meta["error_message"]
+                reasons[SUCCESS if status == SUCCESS else reason_of(status, message)] += 1
+                writer.write(image, meta["key"], row["caption"], meta)
+        writer.close()
+        return counts, reasons
+
+    @contextmanager
+    def _pool(self) -> Iterator[tuple[ThreadPool, Semaphore, threading.Event]]:
+        threads, size = self.settings.thread_count, self.settings.thread_count * 2
+        pool, in_flight, stop = ThreadPool(threads), Semaphore(size), threading.Event()
+        try:
+            yield pool, in_flight, stop
+        except BaseException:
+            stop.set()  # unblock the feeder, so the pool can shut down and the error surface
+            for _ in range(size + 1):
+                in_flight.release()
+            raise
+        finally:
+            pool.terminate()
+            pool.join()
+
+    def _fetched(self, rows: list[dict[str, Any]]) -> Iterator[Fetched]:
+        """Each row's fetch result, in the order they finish, with at most ``2 * thread_count``
+        images held in memory (a row's slot is freed once its result has been written)."""
+        fetcher = self.settings.fetcher()
+
+        def work(key: int) -> Fetched:
+            try:
+                return self._fetch(fetcher, key, rows[key]["url"], rows[key]["image_phash"])
+            except Exception as exc:  # noqa: BLE001 - one URL's surprise is that row's failure
+                return Fetched(key, None, FAILED, f"{type(exc).__name__}: {exc}"[:200])
+
+        with self._pool() as (pool, in_flight, stop):
+
+            def todo() -> Iterator[int]:
+                for key in range(len(rows)):
+                    in_flight.acquire()
+                    if stop.is_set():
+                        return
+                    yield key
+
+            for got in pool.imap_unordered(work, todo()):
+                try:
+                    yield got
+                finally:
+                    in_flight.release()
+
+    def _fetch(self, fetcher: fetch.Fetcher, key: int, url: str, crawl_phash: str | None):
+        """Fetch and inspect one URL, retrying transient failures only."""
+        settings, result = self.settings, None
+        for _ in range(settings.retries + 1):
+            try:
+                data = fetcher.fetch(url)
+            except fetch.FetchError as exc:
+                result = Fetched(key, None, exc.status, exc.message)
+                if exc.transient:
+                    continue  # a timeout, a 5xx, a reset; not a 404, a blocked URL, a bad TLS cert
+                return result
+            result = inspect(data, crawl_phash, settings.max_pixels)
+            result.key = key
+            if settings.drop_drifted and (result.distance or 0) > settings.drift_distance:
+                result.status, result.data = DRIFTED, None
+                result.message = (
+                    f"drifted: pHash {result.phash} is {result.distance} bits from the crawl's "
+                    f"{crawl_phash} (more than {settings.drift_distance})"
+                )
+            return result
+        return result
+
+    def _sample(
+        self, shard_id: int, row: dict[str, Any], got: Fetched
+    ) -> tuple[bytes | None, dict[str, Any]]:
+        """The resized image (None unless it succeeded) and the row's parquet record."""
+        from img2dataset.downloader import compute_key
+
+        key = compute_key(got.key, shard_id, self.oom_sample_per_shard, self.oom_shard_count)
+        meta = {**row, **{name: None for name, _ in SHARD_COLUMNS}}
+        meta.update(
+            key=key,
+            status=got.status,
+            error_message=got.message,
+            phash=got.phash,
+            phash_distance=got.distance,
+        )
+        if got.status != SUCCESS:
+            return None, meta
+        image, w, h, ow, oh, error = self.resizer(io.BytesIO(got.data))
+        if error is not None:
+            meta.update(status=FAILED_TO_RESIZE, error_message=error)
+            return None, meta
+        meta.update(
+            width=w,
+            height=h,
+            original_width=ow,
+            original_height=oh,
+            sha256=hashlib.sha256(got.data).hexdigest(),
+        )
+        return image, meta
+
+    def _commit(self, name: str, staging: str) -> None:
+        """Move the shard's files into place, ``_stats.json`` last (the "done" mark)."""
+        storage = Storage(self.output)  # S3: its retry settings for throttling and drops
+        files = [name + suffix for suffix in _SHARD_SUFFIXES]
+        if not storage.is_local:  # an object appears only once its upload completes
+            for file in files:
+                storage.fs.put_file(os.path.join(staging, file), storage.url(file))
+            return
+        for (
+            file
+        ) in files:  # on disk before the renames: a power cut cannot leave a done, empty shard
+            with open(os.path.join(staging, file), "rb") as fh:
+                os.fsync(fh.fileno())
+        for file in files:
+            os.replace(os.path.join(staging, file), os.path.join(storage.root, file))
+        folder = os.open(storage.root, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the renames themselves
+        finally:
+            os.close(folder)
+
+
+_SHARD_SUFFIXES = (".tar", ".parquet", layout.STATS_DONE)
+
+
+def _stats_file(
+    rows: int, counts: Counter[str], reasons: Counter[str], start: float
+) -> dict[str, Any]:
+    """img2dataset's ``_stats.json`` keys, plus the count of each status."""
+    return {
+        "count": rows,
+        "successes": counts.get(SUCCESS, 0),
+        "failed_to_download": sum(
+            n for s, n in counts.items() if s not in (SUCCESS, FAILED_TO_RESIZE)
+        ),
+        "failed_to_resize": counts.get(FAILED_TO_RESIZE, 0),
+        "duration": time.time() - start,
+        "start_time": start,
+        "end_time": time.time(),
+        "status_dict": dict(reasons.most_common()),
+        "statuses": dict(counts.most_common()),
+    }

@@ -1,0 +1,156 @@
+"""The model on its device: uint8 batches in, the card's top 50 out.
+
+:class:`DeviceInputs` puts a batch on the device (a copy on a side CUDA stream, or JPEG bytes
+decoded and resized there); :class:`ModelStep` normalizes it, runs the model (bf16 autocast,
+channels_last) and selects the top 50 of the 21,841 card classes. ``launch`` queues a batch and
+returns at once on CUDA; ``collect`` waits for that batch's labels. Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import torch
+from PIL import Image
+
+from coyo_platform.common.formats import TOP_K
+from coyo_platform.common.labelspace import goog_to_fall11
+from coyo_platform.label.samples import build_transform
+from coyo_platform.label.settings import LabelSettings
+from coyo_platform.label.weights import load_model
+
+Launched = tuple[torch.Tensor, torch.Tensor, Any]
+
+
+class DeviceInputs:
+    """Batches onto the device: uint8 NCHW tensors copied without blocking, JPEG bytes decoded
+    (nvJPEG on CUDA) and resized there."""
+
+    def __init__(self, device: torch.device, config: dict[str, Any]) -> None:
+        self.device, self.config = device, config
+        self.size = config["input_size"][1:]
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._transform = None
+
+    def __call__(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """uint8 NCHW on the device."""
+        if isinstance(inputs, torch.Tensor):
+            return self._copy(inputs)
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2.functional import resize
+
+        jpegs = [i for i, t in enumerate(inputs) if t.dim() == 1]
+        decoded = self._decode_jpegs([inputs[i] for i in jpegs])
+        mode = InterpolationMode(self.config["interpolation"])
+        out = [self._copy(t) if t.dim() == 3 else t for t in inputs]
+        for i, img in zip(jpegs, decoded, strict=True):
+            if tuple(img.shape[1:]) != tuple(self.size):
+                img = resize(img, list(self.size), interpolation=mode, antialias=True)
+            out[i] = img
+        return torch.stack(out)
+
+    def _copy(self, x: torch.Tensor) -> torch.Tensor:
+        """Host to device on a side stream (CUDA), so the copy overlaps the previous batch."""
+        if self.copy_stream is None:
+            return x.to(self.device, non_blocking=True)
+        with torch.cuda.stream(self.copy_stream):
+            y = x.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        y.record_stream(compute)
+        return y
+
+    def _decode_jpegs(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """RGB uint8 CHW tensors on the device. nvJPEG decodes on its own stream, which does not
+        wait for ours, into memory our queued kernels may still use: so the compute stream is
+        drained first. A batch nvJPEG rejects is decoded image by image, and an image it rejects
+        goes through the CPU path (PIL and timm's transform), which accepted it already."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
+            try:
+                return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                pass
+            return [self._decode_one(data) for data in jpegs]
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            [img] = decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)
+            return img
+        except RuntimeError:
+            if self._transform is None:
+                self._transform = build_transform(self.config)
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                return self._transform(img.convert("RGB")).to(self.device)
+
+
+class ModelStep:
+    """The model on its device, fed uint8 batches; ``launch`` queues a batch and returns at once
+    (on CUDA), ``collect`` waits for that batch's top 50."""
+
+    def __init__(self, settings: LabelSettings, device: torch.device) -> None:
+        model, self.config = load_model(settings)
+        self.device = device
+        self.dtype = settings.autocast_dtype(device)
+        self.batch_size = settings.resolved_batch_size(device)
+        self.memory_format = torch.channels_last if settings.channels_last else None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # current streams and events below are this device's
+            torch.backends.cudnn.benchmark = True  # one input size for the whole run
+        model = model.to(device)
+        if self.memory_format:
+            model = model.to(memory_format=self.memory_format)
+        self.compiled = settings.compile
+        self.model = torch.compile(model, dynamic=False) if settings.compile else model
+        self.index = torch.as_tensor(goog_to_fall11(), device=device)
+        self.activation = settings.activation
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor([255 * m for m in self.config["mean"]], device=device).view(shape)
+        self.std = torch.tensor([255 * s for s in self.config["std"]], device=device).view(shape)
+        self.inputs = DeviceInputs(device, self.config)
+
+    @property
+    def precision(self) -> str:
+        return "bf16 autocast" if self.dtype else "fp32"
+
+    def _normalized(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        n = len(inputs)
+        x = self.inputs(inputs)
+        if self.compiled and n < self.batch_size:  # one static shape: pad the last batch
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        x = x.float().sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=self.memory_format) if self.memory_format else x
+
+    def launch(self, inputs: torch.Tensor | list[torch.Tensor]) -> Launched:
+        n = len(inputs)
+        x = self._normalized(inputs)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(x)[:n]
+        logits = logits.float()
+        probs = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(-1)
+        values, labels = probs.index_select(1, self.index).topk(TOP_K, dim=1)
+        labels = labels.int()
+        if self.device.type != "cuda":
+            return values, labels, None
+        host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host_labels = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
+        host_values.copy_(values, non_blocking=True)
+        host_labels.copy_(labels, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return host_values, host_labels, done
+
+    @staticmethod
+    def collect(launched: Launched) -> tuple[list, list]:
+        values, labels, done = launched
+        if done is not None:
+            done.synchronize()
+        return values.tolist(), labels.tolist()

@@ -1,0 +1,242 @@
+"""Label a partition's downloaded shards: top 50 of the card's 21,841 ImageNet-21k classes.
+
+Exact: the recipe is timm's (``create_model`` -> ``resolve_data_config`` -> ``create_transform``
+-> ``eval()`` -> ``inference_mode``), with the whole image resized to the model's test size and no
+crop (``crop_mode='squash'``, ``crop_pct=1.0``), as EfficientNetV2's own evaluation does. The
+model's 21,843 outputs go through the activation (``sigmoid`` by default: the card's probabilities
+sum past 1, so they are not softmax), are mapped to the 21,841 fall11 classes
+(``common/labelspace.py``), and the top 50 are kept.
+
+Fast: shards stream through a ``DataLoader`` whose processes read whole tars, decode, hash and
+resize (``samples.py``), handing over uint8 tensors in pinned memory; the model step
+(``model.py``) copies, normalizes and runs them on the device, and a batch's top 50 are collected
+only after the next batch has been queued, so the device never waits for Python. Finished shards
+are written by a writer thread (``writer.py``). Memory holds only the shards in flight.
+
+Resumable: one parquet per shard, written whole or not at all; a shard whose parquet exists is
+skipped, so a killed run, rerun, finishes only what is missing. A broken image is a row with its
+``error``; an unreadable tar writes nothing and is named in the run's failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coyo_platform.common import layout, shards
+from coyo_platform.common.reporting import path, table
+from coyo_platform.common.storage import Storage
+from coyo_platform.common.tables import counts
+from coyo_platform.label.model import Launched, ModelStep
+from coyo_platform.label.samples import ShardSamples, collate
+from coyo_platform.label.settings import LabelSettings
+from coyo_platform.label.writer import ShardWriter
+
+
+def failure_reason(error: str) -> str:
+    """``decode: OSError: image file is truncated`` -> ``decode: OSError``."""
+    return ": ".join(error.split(": ")[:2])
+
+
+@dataclass
+class LabelSummary:
+    labeled: int = 0
+    failed: int = 0
+    failed_by_reason: Counter = field(default_factory=Counter)
+    shards_done: int = 0
+    shards_skipped: int = 0
+    unreadable_shards: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    """Wall time from the first batch in to the last shard written."""
+    warmup_seconds: float = 0.0
+    """Model load (and fetch), loader start and, with ``compile``, compilation: until the first
+    batch's labels are out."""
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the labeling process (loader processes not included)."""
+    peak_device_memory_mb: float | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput after the first batch, so model load and compile do not count."""
+        if self.steady_seconds > 0 and self.steady_images > 0:
+            return self.steady_images / self.steady_seconds
+        return self.labeled / self.seconds if self.seconds > 0 else 0.0
+
+    def metadata(self, settings: LabelSettings, output: str) -> dict[str, Any]:
+        """The materialization's metadata (Pipes' raw form)."""
+        device = settings.resolved_device()
+        return {
+            "images_labeled": self.labeled,
+            "images_failed": self.failed,
+            "failed_by_reason": table(counts(dict(self.failed_by_reason), "reason", "images")),
+            "shards_labeled": self.shards_done,
+            "shards_skipped": self.shards_skipped,
+            "images_per_second": round(self.images_per_second, 2),
+            "seconds": round(self.seconds, 2),
+            "warmup_seconds": round(self.warmup_seconds, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_gpu_memory_mb": round(self.peak_device_memory_mb or 0, 1),
+            "preset": settings.preset,
+            "model": settings.model,
+            "checkpoint": settings.checkpoint or "hub pretrained",
+            "activation": settings.activation,
+            "image_size": settings.image_size or "model's test size",
+            "interpolation": settings.interpolation or "model's",
+            "device": str(device),
+            "precision": "bf16 autocast" if settings.autocast_dtype(device) else "fp32",
+            "batch_size": settings.resolved_batch_size(device),
+            "compiled": settings.compile,
+            "decode_on_device": settings.decode_on_device,
+            "path": path(output),
+        }
+
+
+def shards_to_label(source: Storage, out: Storage, log: logging.Logger) -> tuple[list[str], int]:
+    """The tars under ``source`` that are finished (img2dataset's ``_stats.json``, when the
+    folder has any) and have no parquet under ``out``; and how many are labeled already."""
+    tars = shards.tars(source, source.root)
+    if not tars:
+        raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
+    finished = set(shards.finished(source, source.root))
+    if finished:  # img2dataset's folder: a shard is whole once its _stats.json is written
+        waiting = [t for t in tars if layout.shard_name(t) not in finished]
+        if waiting:
+            log.info(f"{len(waiting)} shards still being written (no _stats.json): left for later")
+        tars = [t for t in tars if layout.shard_name(t) in finished]
+    done = shards.labeled(out, out.root)
+    todo = [t for t in tars if layout.shard_name(t) not in done]
+    # a run killed while writing a shard's parquet left its temporary file (local disk only)
+    targets = [layout.shard_file(out.root, layout.shard_name(t), ".parquet") for t in todo]
+    stale = sum(out.remove_stale_temp(url) for url in targets)
+    if stale:
+        log.info(f"removed {stale} temporary file(s) left by a killed run")
+    return todo, len(tars) - len(todo)
+
+
+class Labeling:
+    """One run's bookkeeping: records of each shard until its end marker, the summary, the
+    writer, and progress lines."""
+
+    def __init__(self, summary: LabelSummary, writer: ShardWriter, log: logging.Logger) -> None:
+        self.summary, self.writer, self.log = summary, writer, log
+        self.pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.began = time.monotonic()
+        self.steady_from: tuple[float, int] | None = None
+
+    def finish(self, records: list[dict[str, Any]], values: list, labels: list) -> None:
+        """A batch's records with their labels (in record order, for the images that had one)."""
+        images = iter(range(len(values)))
+        for record in records:
+            if record.get("end"):
+                self._end_of_shard(record)
+                continue
+            if record["error"] is None:
+                i = next(images)
+                record["labels"], record["label_probs"] = labels[i], values[i]
+                self.summary.labeled += 1
+            else:
+                self.summary.failed += 1
+                self.summary.failed_by_reason[failure_reason(record["error"])] += 1
+            self.pending[record["shard"]].append(record)
+        if self.steady_from is None:
+            self.steady_from = (time.monotonic(), self.summary.labeled)
+            self.summary.warmup_seconds = self.steady_from[0] - self.began
+        self.report(self.writer.written())
+
+    def _end_of_shard(self, marker: dict[str, Any]) -> None:
+        rows = self.pending.pop(marker["shard"], [])
+        if marker.get("error"):
+            self.summary.unreadable_shards[marker["shard"]] = marker["error"]
+            self.log.error(
+                f"shard {marker['shard']}: tar unreadable, nothing written: {marker['error']}"
+            )
+        else:
+            self.writer.submit(marker["shard"], rows)
+
+    def report(self, written: list[tuple[str, int]]) -> None:
+        for shard, rows in written:
+            self.summary.shards_done += 1
+            rate = self.summary.labeled / max(time.monotonic() - self.began, 1e-9)
+            self.log.info(
+                f"shard {shard}: {rows} samples written ({self.summary.shards_done} shards, "
+                f"{self.summary.labeled:,} images labeled, {rate:.1f} img/s overall)"
+            )
+
+
+def _run_batches(model: ModelStep, loader, labeling: Labeling) -> None:
+    """Each batch is launched before the previous one is collected (the device stays busy)."""
+    in_flight: tuple[list[dict[str, Any]], Launched | None] | None = None
+
+    def collect(records: list[dict[str, Any]], launched: Launched | None) -> None:
+        values, labels = model.collect(launched) if launched is not None else ([], [])
+        labeling.finish(records, values, labels)
+
+    with torch.inference_mode():
+        for records, inputs in loader:
+            launched = model.launch(inputs) if len(inputs) else None
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = (records, launched)
+        if in_flight is not None:
+            collect(*in_flight)
+
+
+def label_shards(
+    shards_dir: str,
+    output_dir: str,
+    settings: LabelSettings,
+    log: logging.Logger | None = None,
+) -> LabelSummary:
+    """Label every ``*.tar`` under ``shards_dir`` that has no parquet under ``output_dir`` yet."""
+    log = log or logging.getLogger(__name__)
+    began = time.monotonic()
+    source, out = Storage(shards_dir), Storage(output_dir)
+    todo, skipped = shards_to_label(source, out, log)
+    summary = LabelSummary(shards_skipped=skipped)
+    log.info(f"{len(todo) + skipped} shards, {skipped} already labeled")
+    if not todo:
+        return summary
+
+    device = settings.resolved_device()
+    model = ModelStep(settings, device)
+    workers = min(settings.workers, len(todo))
+    log.info(
+        f"model {settings.model} on {device} ({model.precision}, batch {model.batch_size}, "
+        f"{workers} loader processes, input {model.config})"
+    )
+    loader = torch.utils.data.DataLoader(
+        ShardSamples(todo, model.config, settings.decode_on_device),
+        batch_size=model.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    labeling = Labeling(summary, ShardWriter(out), log)
+    labeling.began = began
+    start = time.monotonic()
+    try:
+        _run_batches(model, loader, labeling)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            labeling.writer.close()  # keep the shards already finished
+        raise
+    labeling.report(labeling.writer.close())
+    end = time.monotonic()
+    summary.seconds = end - start
+    if labeling.steady_from is not None:
+        summary.steady_seconds = end - labeling.steady_from[0]
+        summary.steady_images = summary.labeled - labeling.steady_from[1]
+    summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        summary.peak_device_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return summary

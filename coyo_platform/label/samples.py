@@ -1,0 +1,130 @@
+"""Downloaded shards as samples for the model: whole tars read in loader processes, each image
+decoded, hashed (pHash) and resized to a uint8 tensor (timm's eval transform, prefetcher form).
+A sample that cannot be used is a record with its ``error``; a tar that cannot be read ends its
+shard with the error instead. Imports no ``dagster``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import imagehash
+import torch
+from PIL import Image
+
+from coyo_platform.common import layout
+from coyo_platform.common.storage import Storage
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def build_transform(config: dict[str, Any]):
+    """timm's eval transform for ``config`` in its prefetcher form: the whole image squashed to
+    the input size (no crop), as a uint8 CHW tensor; normalization happens on the device."""
+    from timm.data import create_transform
+
+    return create_transform(**config, is_training=False, use_prefetcher=True)
+
+
+def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a webdataset tar, streamed in order."""
+    current, members = None, {}
+    # through Storage: S3 reads get its retry settings (throttling, dropped connections)
+    fs = Storage(url.rsplit("/", 1)[0]).fs
+    with fs.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = os.path.basename(info.name).partition(".")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext.lower()] = tar.extractfile(info).read()
+    if current is not None:
+        yield current, members
+
+
+def decode(
+    shard: str, key: str, members: dict[str, bytes], transform, jpeg_on_device: bool
+) -> dict[str, Any]:
+    """One sample's record: ``id``, original ``width``/``height``, ``imagehash`` and the model
+    ``input`` (a uint8 CHW tensor, or the JPEG's bytes to decode on the device), or its
+    ``error``."""
+    record: dict[str, Any] = {
+        "shard": shard,
+        "key": key,
+        "id": None,
+        "width": None,
+        "height": None,
+        "imagehash": None,
+        "input": None,
+        "error": None,
+    }
+    try:
+        meta = json.loads(members.get("json", b"{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        record["error"] = f"sample json: {type(exc).__name__}: {str(exc)[:120]}"
+        return record
+    record.update(
+        id=meta.get("id"), width=meta.get("original_width"), height=meta.get("original_height")
+    )
+    data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    if record["id"] is None:
+        record["error"] = "sample has no id in its json"
+    elif data is None:
+        record["error"] = "sample has no image"
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                is_jpeg = img.format == "JPEG"
+                rgb = img.convert("RGB")
+            record["imagehash"] = str(imagehash.phash(rgb))
+            if jpeg_on_device and is_jpeg:
+                record["input"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                record["input"] = transform(rgb)
+        except Exception as exc:  # any decoder failure is a per-image result, not a crash
+            record["error"] = f"decode: {type(exc).__name__}: {str(exc)[:120]}"
+    return record
+
+
+class ShardSamples(torch.utils.data.IterableDataset):
+    """Decoded samples of whole shards; each loader process takes every n-th shard. After a
+    shard's last sample comes an end marker, so the consumer knows the shard is complete; a tar
+    that cannot be read to its end gives an end marker with the error instead."""
+
+    def __init__(self, shards: list[str], config: dict[str, Any], jpeg_on_device: bool) -> None:
+        self.shards = shards
+        self.config = config
+        self.jpeg_on_device = jpeg_on_device
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        transform = build_transform(self.config)
+        for url in mine:
+            shard = layout.shard_name(url)
+            try:
+                for key, members in iter_tar_samples(url):
+                    yield decode(shard, key, members, transform, self.jpeg_on_device)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield {"shard": shard, "end": True, "error": f"{type(exc).__name__}: {exc}"}
+                continue
+            yield {"shard": shard, "end": True}
+
+
+def collate(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
+    """Records without their pixels, and the model inputs in record order: one uint8 NCHW tensor
+    (stacked here, in the loader process, so that it is pinned as one block), or a list mixing
+    uint8 CHW tensors and raw JPEG bytes to decode on the device."""
+    inputs = [r.pop("input") for r in records if r.get("input") is not None]
+    if inputs and all(t.dim() == 3 for t in inputs):
+        return records, torch.stack(inputs)
+    return records, inputs

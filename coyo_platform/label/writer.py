@@ -1,0 +1,73 @@
+"""Finished shards' parquet, built and written on one background thread (a one-thread
+``ThreadPoolExecutor``), so the model never waits for parquet encoding or an S3 upload. Each file
+is written whole (temp name and rename on disk, one object on S3). Imports no ``dagster``."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from coyo_platform.common import layout
+from coyo_platform.common.formats import LABELED_FILE_OPTIONS, LABELED_SCHEMA
+from coyo_platform.common.storage import Storage
+
+
+def shard_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """A shard's records, sorted by sample key, in ``LABELED_SCHEMA``."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    return pa.Table.from_pylist(
+        [{name: r.get(name) for name in LABELED_SCHEMA.names} for r in rows], schema=LABELED_SCHEMA
+    )
+
+
+class ShardWriter:
+    """``submit`` hands a finished shard to the writer thread; at most ``depth`` shards wait
+    (their rows are held in memory), and beyond that ``submit`` waits for the oldest write.
+    ``written`` returns the shards written since it was last asked; ``close`` waits for every
+    write. A failed write does not stop the others; the first failure is raised by the next
+    ``submit`` and by ``close``."""
+
+    def __init__(self, out: Storage, depth: int = 16) -> None:
+        self._out, self._depth = out, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[tuple[str, int, Future]] = deque()
+        self._done: list[tuple[str, int]] = []
+        self._error: BaseException | None = None
+
+    def _write(self, shard: str, rows: list[dict[str, Any]]) -> None:
+        url = layout.shard_file(self._out.root, shard, ".parquet")
+        self._out.write_parquet(url, shard_table(rows), **LABELED_FILE_OPTIONS)
+
+    def _reap(self, wait_for: int = 0) -> None:
+        """Move finished writes (and, waiting for them, the ``wait_for`` oldest) to the done."""
+        while self._pending and (wait_for > 0 or self._pending[0][2].done()):
+            shard, rows, future = self._pending.popleft()
+            wait_for -= 1
+            try:
+                future.result()
+                self._done.append((shard, rows))
+            except BaseException as exc:  # raised by submit or close, in the main thread
+                self._error = self._error or exc
+
+    def submit(self, shard: str, rows: list[dict[str, Any]]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._pending.append((shard, len(rows), self._pool.submit(self._write, shard, rows)))
+        self._reap(wait_for=len(self._pending) - self._depth)
+
+    def written(self) -> list[tuple[str, int]]:
+        """(shard, rows) of the writes finished since the last call, in submission order."""
+        self._reap()
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[tuple[str, int]]:
+        """Wait for every write; returns those not yet reported by :meth:`written`."""
+        self._pool.shutdown(wait=True)
+        done = self.written()
+        if self._error is not None:
+            raise self._error
+        return done

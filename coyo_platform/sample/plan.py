@@ -1,0 +1,278 @@
+"""The sampling plan: the rules (``rules.py``) decided once over every partition with label
+stats, written as ``<root>/subset_plan/plan.json`` plus the plan's own folder (duplicates, class
+cutoffs), and applied per partition by the subset. Imports no ``dagster``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from coyo_platform.common import layout
+from coyo_platform.common.storage import Storage
+from coyo_platform.sample.rules import (
+    DEFAULT_THRESHOLD,
+    Indexes,
+    Sampling,
+    above,
+    apply_caps,
+    class_cutoffs,
+    digest,
+    drop_duplicates,
+    find_duplicates,
+    in_bins,
+    threshold_for_target,
+)
+from coyo_platform.stats.aggregate import FINE_BINS, Aggregate, bin_of, merge_aggregates
+
+PLAN_VERSION = 1
+
+
+class PlanMismatch(ValueError):
+    """The plan cannot be applied to this partition."""
+
+
+class NoStats(ValueError):
+    """No partition has label stats to plan over."""
+
+
+@dataclass
+class Plan:
+    """A decision, as ``plan.json`` stores it (the same keys)."""
+
+    digest: str
+    sampling: Sampling
+    threshold: float
+    is_global: bool
+    partitions: list[str] = field(default_factory=list)
+    target_rows: int | None = None
+    images_labeled: int = 0
+    images_eligible: int = 0
+    duplicates_dropped: int = 0
+    classes_capped: int = 0
+    rows: int = 0
+    rows_per_partition: dict[str, int] = field(default_factory=dict)
+    folder: str | None = None
+    duplicates_glob: str | None = None
+    class_cutoffs: str | None = None
+    default: bool = False
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["global"] = value.pop("is_global")
+        if not self.default:  # only the stand-in plan says so
+            del value["default"]
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Plan:
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in value.items() if k in known}
+        return cls(
+            **{**given, "sampling": Sampling(**value["sampling"]), "is_global": value["global"]}
+        )
+
+    @property
+    def share_kept(self) -> float:
+        return round(self.rows / self.images_labeled, 4) if self.images_labeled else 0.0
+
+
+def _decision_digest(sampling: Sampling, threshold: float, dups: str | None, cuts: str | None):
+    return {
+        "sampling": asdict(sampling),
+        "threshold": threshold,
+        "duplicates": dups,
+        "class_cutoffs": cuts,
+    }
+
+
+def default_plan() -> Plan:
+    """The plan a subset uses before ``subset_plan`` was ever materialized: the default
+    threshold, no dedup, no caps."""
+    sampling = Sampling()
+    decided = _decision_digest(sampling, DEFAULT_THRESHOLD, None, None)
+    return Plan(
+        digest=digest(decided),
+        sampling=sampling,
+        threshold=DEFAULT_THRESHOLD,
+        is_global=False,
+        default=True,
+    )
+
+
+def read_plan(store: Storage) -> Plan | None:
+    url = layout.plan(store)
+    return Plan.from_json(store.read_json(url)) if store.exists(url) else None
+
+
+def current_plan(store: Storage) -> Plan:
+    return read_plan(store) or default_plan()
+
+
+def write_plan(store: Storage, plan: Plan) -> None:
+    store.write_json(layout.plan(store), plan.to_json())
+
+
+@dataclass
+class _Eligible:
+    """The partitions' indexes after dedup and caps, and what those steps left behind."""
+
+    indexes: Indexes
+    duplicates: int = 0
+    duplicates_digest: str | None = None
+    duplicates_glob: str | None = None
+    cutoffs: pl.DataFrame | None = None
+    cutoffs_digest: str | None = None
+    cutoffs_url: str | None = None
+
+
+def _dedup(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]) -> None:
+    hashes: list[str] = []
+
+    def write(bucket: int, losers: pl.DataFrame) -> None:
+        store.write_parquet(layout.duplicates(folder, bucket), losers.to_arrow())
+        hashes.append(hashlib.sha256(losers["id"].to_numpy().tobytes()).hexdigest())
+
+    indexes = eligible.indexes
+    eligible.duplicates = find_duplicates(indexes, write)
+    eligible.duplicates_glob = layout.duplicates(folder)
+    eligible.duplicates_digest = digest(hashes)
+    dups = store.scan_parquet(store.glob(eligible.duplicates_glob))
+    eligible.indexes = [
+        (k, drop_duplicates(lf, dups.filter(pl.col("partition") == k))) for k, lf in indexes
+    ]
+    log(f"deduplication: {eligible.duplicates:,} images share a pHash with a better one")
+
+
+def _caps(
+    store: Storage, folder: str, eligible: _Eligible, cap: int, log: Callable[[str], Any]
+) -> None:
+    cutoffs = class_cutoffs(eligible.indexes, cap).sort("top1_class")
+    eligible.cutoffs, eligible.cutoffs_url = cutoffs, layout.class_cutoffs(folder)
+    store.write_parquet(eligible.cutoffs_url, cutoffs.to_arrow())
+    eligible.cutoffs_digest = digest(cutoffs.rows())
+    eligible.indexes = [(k, apply_caps(lf, cutoffs)) for k, lf in eligible.indexes]
+    log(f"class cap {cap:,}: {cutoffs.height:,} classes capped")
+
+
+def _histogram(eligible: _Eligible, merged: Aggregate, filtered: bool) -> dict[int, int]:
+    """Eligible images per fine top-1 bin: the stats' own when nothing was removed."""
+    if not filtered:
+        return {int(b): n for b, n in merged.top1_fine.items()}
+    frames = [lf.group_by(b=bin_of(pl.col("top1"), FINE_BINS)).len() for _, lf in eligible.indexes]
+    counted = pl.concat(pl.collect_all(frames))
+    return dict(counted.group_by("b").agg(pl.col("len").sum()).iter_rows())
+
+
+def _target_threshold(
+    eligible: _Eligible, histogram: dict[int, int], target: int, log: Callable[[str], Any]
+) -> float:
+    def values_in_bins(lo: int, hi: int) -> np.ndarray:
+        frames = [lf.filter(in_bins(lo, hi)).select("top1") for _, lf in eligible.indexes]
+        return pl.concat(pl.collect_all(frames))["top1"].to_numpy()
+
+    threshold, _ = threshold_for_target(histogram, target, values_in_bins)
+    log(f"target {target:,} images: threshold {threshold!r}")
+    return threshold
+
+
+def make_plan(
+    store: Storage, keys: Sequence[str], sampling: Sampling, log: Callable[[str], Any] = print
+) -> Plan:
+    """Decide the subset for partitions ``keys`` (each with label stats) and write the plan's
+    files under a fresh folder of ``<root>/subset_plan/``; returns the plan (not yet written)."""
+    if not keys:
+        raise ValueError("no partition has label stats yet: materialize label_stats first")
+    merged = merge_aggregates(
+        Aggregate.from_json(store.read_json(layout.stats(store, k))) for k in keys
+    )
+    folder = layout.plan_folder(store, uuid.uuid4().hex[:12])
+    eligible = _Eligible([(k, store.scan_parquet(layout.index(store, k))) for k in keys])
+    if sampling.dedup:
+        _dedup(store, folder, eligible, log)
+    if sampling.class_cap is not None:
+        _caps(store, folder, eligible, sampling.class_cap, log)
+    histogram = _histogram(eligible, merged, sampling.dedup or sampling.class_cap is not None)
+    threshold, target = sampling.fixed_threshold(), None
+    if threshold is None:
+        target = sampling.target_rows or max(1, round(sampling.target_fraction * merged.images))
+        threshold = _target_threshold(eligible, histogram, target, log)
+    counts = pl.collect_all(
+        [lf.filter(above(threshold)).select(pl.len()) for _, lf in eligible.indexes]
+    )
+    rows = {k: int(c.item()) for (k, _), c in zip(eligible.indexes, counts, strict=True)}
+    decided = _decision_digest(
+        sampling, threshold, eligible.duplicates_digest, eligible.cutoffs_digest
+    )
+    if sampling.is_global:
+        decided["partitions"] = sorted(keys)
+    return Plan(
+        digest=digest(decided),
+        sampling=sampling,
+        threshold=threshold,
+        is_global=sampling.is_global,
+        partitions=sorted(keys),
+        target_rows=target,
+        images_labeled=merged.images,
+        images_eligible=sum(histogram.values()),
+        duplicates_dropped=eligible.duplicates,
+        classes_capped=0 if eligible.cutoffs is None else eligible.cutoffs.height,
+        rows=sum(rows.values()),
+        rows_per_partition=rows,
+        folder=folder,
+        duplicates_glob=eligible.duplicates_glob,
+        class_cutoffs=eligible.cutoffs_url,
+    )
+
+
+def partition_filters(
+    store: Storage, plan: Plan, key: str
+) -> tuple[pl.LazyFrame | None, pl.DataFrame | None]:
+    """The plan's duplicates to drop from partition ``key`` and its class cutoffs."""
+    if plan.is_global and key not in plan.partitions:
+        raise PlanMismatch(
+            f"the subset plan was made without {key} (it covers {len(plan.partitions)} "
+            "partitions and depends on all of them: a target size, dedup or class caps); "
+            "materialize subset_plan again, which rewrites every partition's subset"
+        )
+    duplicates = None
+    if plan.duplicates_glob:
+        files = store.glob(plan.duplicates_glob)
+        duplicates = store.scan_parquet(files).filter(pl.col("partition") == key) if files else None
+    cutoffs = store.scan_parquet(plan.class_cutoffs).collect() if plan.class_cutoffs else None
+    return duplicates, cutoffs
+
+
+def prune(store: Storage, keep: Sequence[str | None]) -> list[str]:
+    """Delete plan folders other than ``keep`` (the current plan's and the one before, which a
+    subset still running may be reading); returns the deleted folders."""
+    kept = {k.rstrip("/").rsplit("/", 1)[-1] for k in keep if k}
+    gone = []
+    for path in layout.plan_folders(store):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in kept and store.fs.isdir(path):
+            store.fs.rm(path, recursive=True)
+            gone.append(path)
+    return gone
+
+
+def plan_and_write(
+    store: Storage, sampling: Sampling, log: Callable[[str], Any] = print
+) -> tuple[Plan, Plan | None]:
+    """Make the plan over every partition with label stats, write ``plan.json`` and prune the
+    plan folders no one reads any more; returns the new plan and the one it replaced."""
+    keys = layout.partitions_with_stats(store)
+    if not keys:
+        raise NoStats("no partition has label stats yet; materialize label_stats first")
+    previous = read_plan(store)
+    plan = make_plan(store, keys, sampling, log=log)
+    write_plan(store, plan)
+    prune(store, keep=[plan.folder, previous.folder if previous else None])
+    return plan, previous

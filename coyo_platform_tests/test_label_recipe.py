@@ -1,0 +1,233 @@
+"""Labeling against timm's own inference recipe, on real photos in a webdataset tar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from coyo_platform import demo
+from coyo_platform.common.labelspace import goog_to_fall11
+from coyo_platform.label.run import label_shards
+from coyo_platform.label.settings import LabelSettings
+from coyo_platform.label.weights import load_model, local_checkpoint
+from coyo_platform_tests.conftest import write_tar
+
+PROB_TOLERANCE = 1e-5  # fp32 on the CPU; batching and channels_last may change the last bits
+
+
+@pytest.fixture(scope="module")
+def shards(site, tmp_path_factory) -> tuple[Path, list[Path]]:
+    folder = tmp_path_factory.mktemp("shards")
+    photos = sorted(
+        p for p in site.images.glob("*.jpg") if p.stem.startswith(("astro", "coffee", "chel"))
+    )
+    samples = [
+        (f"{i:09d}", p.read_bytes(), {"id": 1000 + i, "original_width": 1, "original_height": 2})
+        for i, p in enumerate(photos)
+    ]
+    broken = (site.images / "truncated.jpg").read_bytes()
+    samples.insert(2, ("000000099", broken, {"id": 9999}))
+    write_tar(folder / "00000.tar", samples[:4])
+    write_tar(folder / "00001.tar", samples[4:])
+    return folder, photos
+
+
+def _timm_reference(checkpoint: Path, photos: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's recipe: create_model -> resolve_data_config -> create_transform (whole image, no
+    crop) -> eval -> inference_mode; then sigmoid, the card's 21,841 classes, top 50."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model(
+        demo.DEMO_MODEL, pretrained=False, num_classes=21_843, checkpoint_path=str(checkpoint)
+    ).eval()
+    config = resolve_data_config(model=model, use_test_size=True)
+    transform = create_transform(**{**config, "crop_pct": 1.0, "crop_mode": "squash"})
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos])
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(batch))[:, torch.as_tensor(goog_to_fall11())]
+    return probs.topk(50, dim=1)
+
+
+def test_labels_match_timm_recipe_and_record_broken_images(site, shards, tmp_path: Path):
+    folder, photos = shards
+    settings = LabelSettings(
+        preset="timm",
+        model=demo.DEMO_MODEL,
+        checkpoint=str(site.checkpoint),
+        precision="fp32",  # the fast path otherwise: uint8 transfer, channels_last, lagged collect
+        batch_size=3,
+        num_workers=1,
+    )
+    summary = label_shards(str(folder), str(tmp_path / "out"), settings)
+    assert summary.labeled == len(photos)
+    assert summary.failed == 1
+    assert summary.failed_by_reason == {"decode: OSError": 1}
+
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet").sort("id")
+    broken = out.filter(pl.col("id") == 9999)
+    assert broken["error"][0].startswith("decode: OSError")
+    assert broken["labels"][0] is None
+
+    labeled = out.filter(pl.col("error").is_null())
+    values, indices = _timm_reference(site.checkpoint, photos)
+    assert labeled["id"].to_list() == [1000 + i for i in range(len(photos))]
+    assert labeled["labels"].to_list() == indices.tolist()
+    got = torch.tensor(labeled["label_probs"].to_list())
+    assert torch.allclose(got, values, atol=PROB_TOLERANCE, rtol=0)
+
+
+def test_rerun_labels_only_missing_shards(site, shards, tmp_path: Path):
+    folder, _ = shards
+    settings = LabelSettings(
+        preset="timm", model=demo.DEMO_MODEL, checkpoint=str(site.checkpoint), num_workers=0
+    )
+    out = tmp_path / "out"
+    label_shards(str(folder), str(out), settings)
+    first = (out / "00000.parquet").read_bytes()
+    (out / "00001.parquet").unlink()  # as if the run died before the second shard
+    summary = label_shards(str(folder), str(out), settings)
+    assert (summary.shards_done, summary.shards_skipped) == (1, 1)
+    assert (out / "00000.parquet").read_bytes() == first
+    assert not list(out.glob("*.tmp-*")), "no temporary file may be left visible"
+
+
+def test_coyo_preset_is_the_cards_eval(site):
+    settings = LabelSettings()
+    assert settings.model == "tf_efficientnetv2_xl.in21k"
+    assert settings.activation == "sigmoid"
+    # the preset's preprocessing, applied to a small model loaded offline
+    settings = LabelSettings(model=demo.DEMO_MODEL, checkpoint=str(site.checkpoint))
+    _, config = load_model(settings)
+    assert config["input_size"] == (3, 512, 512)
+    assert config["interpolation"] == "bilinear"
+    assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)
+    assert (config["crop_pct"], config["crop_mode"]) == (1.0, "squash")
+
+
+def test_explicit_settings_beat_the_preset():
+    settings = LabelSettings(preset="coyo", activation="softmax", image_size=384)
+    assert (settings.activation, settings.image_size) == ("softmax", 384)
+    with pytest.raises(ValueError, match="unknown preset 'jft'"):
+        LabelSettings(preset="jft")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        LabelSettings(activation="relu")
+
+
+def test_checkpoint_with_wrong_class_count_is_refused(tmp_path: Path):
+    import timm
+
+    path = tmp_path / "in1k.pth"
+    torch.save(timm.create_model(demo.DEMO_MODEL, num_classes=1000).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit test_efficientnet with 21843 outputs"):
+        load_model(LabelSettings(model=demo.DEMO_MODEL, checkpoint=str(path)))
+
+
+def _label(folder: Path, out: Path, site, **settings) -> pl.DataFrame:
+    base = {"preset": "timm", "model": demo.DEMO_MODEL, "checkpoint": str(site.checkpoint)}
+    label_shards(str(folder), str(out), LabelSettings(**{**base, **settings}))
+    return pl.read_parquet(out / "*.parquet").filter(pl.col("error").is_null()).sort("id")
+
+
+def test_compiled_model_gives_the_same_labels(site, shards, tmp_path: Path):
+    """torch.compile, with the last batch padded to the static batch size (7 photos, batch 3)."""
+    folder, photos = shards
+    out = _label(folder, tmp_path / "out", site, precision="fp32", batch_size=3, compile=True)
+    values, indices = _timm_reference(site.checkpoint, photos)
+    assert out["labels"].to_list() == indices.tolist()
+    got = torch.tensor(out["label_probs"].to_list())
+    assert torch.allclose(got, values, atol=PROB_TOLERANCE, rtol=0)
+
+
+DEVICE_DECODE_TOLERANCE = 2e-3  # torchvision's antialiased resize vs PIL's; 5e-4 measured
+
+
+def test_decode_on_device_keeps_top1_and_imagehash(site, shards, tmp_path: Path):
+    """The torchvision JPEG path (nvJPEG on CUDA; here its CPU twin) against the PIL path."""
+    folder, _ = shards
+    pil = _label(folder, tmp_path / "pil", site, precision="fp32", num_workers=0)
+    dev = _label(folder, tmp_path / "dev", site, precision="fp32", decode_on_device=True)
+    assert dev["id"].to_list() == pil["id"].to_list()
+    assert dev["imagehash"].to_list() == pil["imagehash"].to_list()
+    assert dev["labels"].list.first().to_list() == pil["labels"].list.first().to_list()
+    diff = torch.tensor(dev["label_probs"].to_list()) - torch.tensor(pil["label_probs"].to_list())
+    assert diff.abs().max().item() < DEVICE_DECODE_TOLERANCE
+
+
+def test_weights_from_s3_are_fetched_once_and_label_the_same(site, shards, s3_bucket, tmp_path):
+    import boto3
+
+    folder, _ = shards
+    url = f"s3://{s3_bucket}/weights/random_model.pth"
+    boto3.client("s3").upload_file(str(site.checkpoint), s3_bucket, "weights/random_model.pth")
+    cache = tmp_path / "cache"
+    local = _label(folder, tmp_path / "local", site, precision="fp32")
+    remote = _label(
+        folder, tmp_path / "s3", site, precision="fp32", checkpoint=url, checkpoint_cache=str(cache)
+    )
+    assert remote["labels"].to_list() == local["labels"].to_list()
+    cached = [p for p in cache.rglob("*") if p.is_file() and p.read_bytes()[:2] == b"PK"]
+    assert [p.read_bytes() for p in cached] == [site.checkpoint.read_bytes()]
+    assert local_checkpoint(url, str(cache)) == str(cached[0])  # a second run reads the copy
+
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        local_checkpoint(f"s3://{s3_bucket}/weights/missing.pth", str(cache))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        local_checkpoint(str(tmp_path / "missing.pth"), str(cache))
+
+
+def test_defaults_fit_the_device():
+    settings = LabelSettings()
+    assert settings.resolved_batch_size(torch.device("cuda")) == 128
+    assert settings.resolved_batch_size(torch.device("cpu")) == 32
+    assert LabelSettings(batch_size=7).resolved_batch_size(torch.device("cuda")) == 7
+    assert settings.autocast_dtype(torch.device("cuda")) in (torch.bfloat16, None)
+    assert LabelSettings(precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LabelSettings(precision="fp8")
+
+
+def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path: Path):
+    """A grayscale JPEG is labeled (on the device path too); a sample whose json is broken or
+    not an object is a failed row with its reason, and the rest of the shard is labeled."""
+    import io
+    import tarfile
+
+    photo = next(p for p in sorted(site.images.glob("*.jpg")) if p.stem.startswith("coffee"))
+    gray = io.BytesIO()
+    Image.open(photo).convert("L").save(gray, "JPEG", quality=90)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_tar(
+        folder / "00000.tar",
+        [("000000000", photo.read_bytes(), {"id": 1}), ("000000001", gray.getvalue(), {"id": 2})],
+    )
+    with tarfile.open(folder / "00000.tar", "a") as tar:
+        for key, meta in (("000000002", b"{not json"), ("000000003", b"[1, 2]")):
+            for ext, data in (("jpg", photo.read_bytes()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    for decode_on_device in (False, True):
+        out = tmp_path / f"out-{decode_on_device}"
+        settings = LabelSettings(
+            preset="timm",
+            model=demo.DEMO_MODEL,
+            checkpoint=str(site.checkpoint),
+            decode_on_device=decode_on_device,
+            num_workers=0,
+        )
+        summary = label_shards(str(folder), str(out), settings)
+        assert (summary.labeled, summary.failed) == (2, 2)
+        assert summary.failed_by_reason == {
+            "sample json: JSONDecodeError": 1,
+            "sample json: ValueError": 1,
+        }
+        rows = pl.read_parquet(out / "00000.parquet").sort("key")
+        assert rows["id"].to_list() == [1, 2, None, None]
+        assert rows["labels"].list.len().to_list() == [50, 50, None, None]
