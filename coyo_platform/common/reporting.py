@@ -20,11 +20,6 @@ from dagster_pipes import (
 from coyo_platform.common.tables import Table
 
 
-def md(text: str) -> dict[str, Any]:
-    """A metadata value that the Dagster UI renders as markdown."""
-    return {"raw_value": text, "type": "md"}
-
-
 def path(url: str) -> dict[str, Any]:
     return {"raw_value": url, "type": "path"}
 

@@ -14,9 +14,6 @@ class Table:
     """Column name -> type (``string``, ``int``, ``float``), in display order."""
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def column(self, name: str) -> list[Any]:
-        return [r.get(name) for r in self.records]
-
 
 def counts(values: dict[str, int], key: str, count: str) -> Table:
     """``{"success": 12, ...}`` as a two-column table, largest first."""
