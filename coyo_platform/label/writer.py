@@ -27,8 +27,8 @@ class ShardWriter:
     """``submit`` hands a finished shard to the writer thread; at most ``depth`` shards wait
     (their rows are held in memory), and beyond that ``submit`` waits for the oldest write.
     ``written`` returns the shards written since it was last asked; ``close`` waits for every
-    write. A failed write does not stop the others; the first failure is raised by the next
-    ``submit`` and by ``close``."""
+    write. A failed write does not stop the others; the first failure is raised by the
+    ``submit`` that waits for it (or any later one; nothing more is queued) and by ``close``."""
 
     def __init__(self, out: Storage, depth: int = 16) -> None:
         self._out, self._depth = out, depth
@@ -53,10 +53,12 @@ class ShardWriter:
                 self._error = self._error or exc
 
     def submit(self, shard: str, rows: list[dict[str, Any]]) -> None:
+        # make room first (wait for the oldest writes beyond depth - 1), so that a failure among
+        # them is raised here, before this shard is queued
+        self._reap(wait_for=len(self._pending) + 1 - self._depth)
         if self._error is not None:
             raise self._error
         self._pending.append((shard, len(rows), self._pool.submit(self._write, shard, rows)))
-        self._reap(wait_for=len(self._pending) - self._depth)
 
     def written(self) -> list[tuple[str, int]]:
         """(shard, rows) of the writes finished since the last call, in submission order."""
