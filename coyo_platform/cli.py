@@ -3,6 +3,8 @@
     coyo-platform run --source URL --parts part-00000 [part-00001 ...] [--model NAME]
                       [--checkpoint PATH] [--threshold T | --target-rows N | --target-fraction F]
                       [--dedup] [--class-cap N] [--limit N] ...
+    coyo-platform clear --parts part-00000 --from downloaded_shards [--data-root DIR]
+    coyo-platform compare [--baseline LABELER --candidate LABELER] [--parts ...]
     coyo-platform demo
 
 ``run`` registers the parts as ``coyo_parts`` partitions in the Dagster instance at
@@ -11,7 +13,15 @@ source metadata, one run per step, in the asset graph's order, printing a line p
 metadata, downloads, labels and stats for each part, then the stats roll-up and the sampling plan
 over all parts, then each part's subset, then the manifest; ``dagster dev`` then shows the
 materializations. Each flag is a setting of one stage (its help, type and checks are the stage's
-own, ``download/settings.py`` and the like); every setting is checked before any work starts.
+own, ``download/settings.py`` and the like); every setting is checked before any work starts. A
+step that fails prints one line (the step, why, what to do; the traceback too with ``-v``) and the
+run stops with exit status 1.
+
+``compare`` materializes ``label_agreement``: two label sets (labeler ids) side by side.
+
+``clear`` deletes some parts' output of one stage and of every stage after it, so that the next
+``run`` makes them again: what a mismatch error (another source part, other download settings)
+tells you to run.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coyo_platform.common.shards import STAGES
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.ingest.metadata import IngestSettings
 from coyo_platform.label.settings import LabelSettings
@@ -45,12 +56,20 @@ FLAGS = (
 _SUMMARY_KEYS = {
     "coyo700m_metadata": ("rows",),
     "downloaded_shards": ("succeeded", "failed", "images_per_second"),
-    "labeled_shards": ("images_labeled", "images_failed", "images_per_second", "device"),
+    "labeled_shards": ("labeler", "images_labeled", "images_failed", "images_per_second", "device"),
     "label_stats": ("images_labeled",),
     "coyo_labeled_300m": ("rows", "share_kept"),
     "label_stats_rollup": ("partitions", "images_labeled"),
     "subset_plan": ("threshold", "rows", "duplicates_dropped"),
     "subset_manifest": ("partitions", "rows"),
+    "label_agreement": (
+        "baseline",
+        "candidate",
+        "images_compared",
+        "top1_agreement",
+        "top5_overlap",
+        "top1_prob_mean_abs_diff",
+    ),
 }
 
 
@@ -59,11 +78,12 @@ def steps() -> list[tuple[bool, list]]:
     runs of partitioned assets (done part by part) and unpartitioned ones (done once)."""
     import dagster as dg
 
-    from coyo_platform.definitions import PIPELINE, ROLLUPS, defs
+    from coyo_platform.definitions import COMPARISONS, PIPELINE, ROLLUPS, defs
 
     graph = defs.resolve_asset_graph()
     by_key = {asset.key: asset for asset in [*PIPELINE, *ROLLUPS]}  # without resources bound
-    wanted = dg.AssetSelection.assets(*PIPELINE).downstream().resolve(graph)
+    downstream = dg.AssetSelection.assets(*PIPELINE).downstream()
+    wanted = (downstream - dg.AssetSelection.assets(*COMPARISONS)).resolve(graph)
     order = [
         key
         for level in graph.toposorted_asset_keys_by_level
@@ -109,24 +129,34 @@ def _prepare_instance() -> Any:
     return dg.DagsterInstance.get()
 
 
-def _failure_text(result) -> str:
-    failures = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
-    message = failures[0].message.strip() if failures and failures[0] else "unknown error"
-    cause = failures[0].cause if failures and failures[0] else None
-    while cause is not None:
-        message += f"\n  caused by: {cause.message.strip()}"
-        cause = cause.cause
-    return message
+def _failure_text(result, verbose: bool) -> str:
+    """The step's failure in one line (a ``dg.Failure``'s description, else the error's
+    innermost cause), or with ``verbose`` the whole chain with its tracebacks."""
+    failures = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+    data = failures[0] if failures else None
+    error = data.error if data else None
+    if error is None:
+        return "unknown error (rerun with -v)"
+    if verbose:
+        return error.to_string()
+    description = data.user_failure_data.description if data.user_failure_data else None
+    while error.cause is not None and not description:
+        error = error.cause
+    text = description or error.message.strip()
+    return " ".join(text.split()) + ("" if description else " (rerun with -v for the traceback)")
 
 
-def _materialize(asset, instance, resources, part: str | None, config: dict, log_level: str) -> str:
+def _materialize(
+    asset, instance, resources, part: str | None, config: dict, verbose: bool = False
+) -> str:
     import dagster as dg
 
     from coyo_platform.definitions import CHECKS
 
     name, where = asset.key.to_user_string(), f"[{part or 'all'}]"
     checks = [c for c in CHECKS if asset.key in {spec.asset_key for spec in c.check_specs}]
-    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    level = "INFO" if verbose else "CRITICAL"  # failures are printed below, one line each
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": level}}}}
     if config:
         run_config["ops"] = {name: {"config": config}}
     start = time.monotonic()
@@ -141,8 +171,7 @@ def _materialize(asset, instance, resources, part: str | None, config: dict, log
     took = time.monotonic() - start
     if not result.success:
         raise SystemExit(
-            f"{where} {name} FAILED after {took:.1f}s (run {result.run_id}):\n"
-            + _failure_text(result)
+            f"{where} {name} FAILED after {took:.1f}s: {_failure_text(result, verbose)}"
         )
     for check in (e for e in result.get_asset_check_evaluations() if not e.passed):
         figures = ", ".join(f"{k}={v.value}" for k, v in check.metadata.items())
@@ -178,13 +207,12 @@ def run(
     instance.add_dynamic_partitions("coyo_parts", new)
     print(f"instance {os.environ['DAGSTER_HOME']}; data root {resources['storage'].store().root}")
     print(f"parts: {', '.join(parts)} ({len(new)} new partitions)")
-    level = "INFO" if verbose else "WARNING"
     outputs: list[str] = []
     for partitioned, assets in steps():
         for part in parts if partitioned else [None]:
             for asset in assets:
                 config = configs.get(asset.key.to_user_string(), {})
-                path = _materialize(asset, instance, resources, part, config, level)
+                path = _materialize(asset, instance, resources, part, config, verbose)
                 if asset.key.to_user_string() == "coyo_labeled_300m":
                     outputs.append(path)
     print("COYO-Labeled-300M subset written to:")
@@ -225,6 +253,20 @@ def _parser() -> argparse.ArgumentParser:
         group = r.add_argument_group(f"settings of {asset}")
         declared.add_arguments(group, settings, names, unset=True)
     r.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    c = sub.add_parser("clear", help="delete parts' output of a stage and of the stages after it")
+    c.add_argument("--parts", nargs="+", required=True, metavar="PART")
+    c.add_argument("--from", dest="stage", required=True, choices=STAGES)
+    c.add_argument(
+        "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
+    )
+    a = sub.add_parser("compare", help="two label sets side by side (label_agreement)")
+    a.add_argument("--baseline", default=None, help="labeler id of the labels in use")
+    a.add_argument("--candidate", default=None, help="labeler id of the new labels")
+    a.add_argument("--parts", nargs="+", default=None, metavar="PART")
+    a.add_argument(
+        "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
+    )
+    a.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     d = sub.add_parser("demo", help="offline demo: local image server, two small parts")
     d.add_argument("--workdir", default=None, help="where fixtures go (default: a temp dir)")
     return parser
@@ -254,9 +296,45 @@ def main(argv: list[str] | None = None) -> None:
             data_root=args.data_root,
             verbose=args.verbose,
         )
+    elif args.command == "compare":
+        compare(args.baseline, args.candidate, args.parts, args.data_root, args.verbose)
+    elif args.command == "clear":
+        clear(args.parts, args.stage, args.data_root)
     else:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coyo-demo-"))
         demo(workdir)
+
+
+def compare(
+    baseline: str | None,
+    candidate: str | None,
+    parts: list[str] | None = None,
+    data_root: str | None = None,
+    verbose: bool = False,
+) -> str:
+    """Materialize ``label_agreement`` for two label sets; prints its figures, returns its JSON."""
+    from coyo_platform.definitions import label_agreement, local_resources
+
+    config = {"baseline": baseline, "candidate": candidate, "partitions": parts}
+    instance = _prepare_instance()
+    resources = local_resources(data_root=data_root)
+    return _materialize(label_agreement, instance, resources, None, config, verbose)
+
+
+def clear(parts: list[str], stage: str, data_root: str | None = None) -> list[str]:
+    """Delete ``parts``' output of ``stage`` and of the stages after it; prints what went."""
+    from coyo_platform.common.shards import clear_partition
+    from coyo_platform.definitions import local_resources
+
+    store = local_resources(data_root=data_root)["storage"].store()
+    gone = []
+    for part in parts:
+        deleted = clear_partition(store, part, stage)
+        print(f"[{part}] cleared from {stage}: {len(deleted)} path(s)")
+        for url in deleted:
+            print(f"  deleted {url}")
+        gone += deleted
+    return gone
 
 
 if __name__ == "__main__":

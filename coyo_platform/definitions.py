@@ -10,6 +10,7 @@ import dagster as dg
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
 from coyo_platform.assets.downloaded_shards import download_success_rate, downloaded_shards
+from coyo_platform.assets.label_agreement import label_agreement
 from coyo_platform.assets.label_names import label_names
 from coyo_platform.assets.label_stats import label_stats
 from coyo_platform.assets.label_stats_rollup import label_stats_rollup
@@ -30,6 +31,8 @@ PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, c
 #: The unpartitioned assets over all partitions: stats roll-up, the sampling plan (threshold,
 #: dedup, caps), the subset's manifest, and the label names and hierarchy.
 ROLLUPS = [label_stats_rollup, subset_plan, subset_manifest, label_names]
+#: Materialized by a person only: two label sets compared.
+COMPARISONS = [label_agreement]
 #: Where a user looks first: downloads' success rate (warns), label coverage and the subset's
 #: schema (blocking: nothing downstream is built on them when they fail).
 CHECKS = [download_success_rate, label_coverage, card_schema]
@@ -82,7 +85,7 @@ def resources_for(env: str | None = None) -> dict:
 
 
 defs = dg.Definitions(
-    assets=[*PIPELINE, *ROLLUPS],
+    assets=[*PIPELINE, *ROLLUPS, *COMPARISONS],
     asset_checks=CHECKS,
     jobs=[coyo_pipeline, coyo_ingest, coyo_label],
     sensors=[coyo_parts_sensor, unlabeled_shards_sensor],

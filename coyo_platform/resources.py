@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import dagster as dg
 from dagster_aws.pipes import PipesECSClient, PipesS3ContextInjector, PipesS3MessageReader
 
+from coyo_platform.common.reporting import FAILURE
 from coyo_platform.common.storage import Storage
 from coyo_platform.ingest.sources import HUB_SOURCE
 
@@ -67,6 +68,17 @@ class ComputeResource(dg.ConfigurableResource):
         """Run ``program`` (a key of ``PROGRAMS``) with ``args``, ``env`` added to its
         environment."""
 
+    @staticmethod
+    def result(run, program: str) -> dg.MaterializeResult:
+        """The materialization the program reported, or the failure it reported (bad input,
+        mismatched state: ``reporting.FAILURE``), raised as a failure that is not retried."""
+        failures = [
+            m[FAILURE] for m in run.get_custom_messages() if isinstance(m, dict) and FAILURE in m
+        ]
+        if failures:
+            raise dg.Failure(description=f"{program}: {failures[0]}", allow_retries=False)
+        return run.get_materialize_result()
+
 
 class LocalCompute(ComputeResource):
     """Runs the program as a subprocess of this machine (``PipesSubprocessClient``)."""
@@ -81,7 +93,7 @@ class LocalCompute(ComputeResource):
         command = [sys.executable, "-m", _check_program(program), *args]
         context.log.info(f"running {' '.join(command)}")
         run = dg.PipesSubprocessClient().run(context=context, command=command, env=dict(env or {}))
-        return run.get_materialize_result()
+        return self.result(run, program)
 
 
 ECS_OVERRIDES_LIMIT = 8192  # characters of a run_task's overrides, ECS's own cap
@@ -174,7 +186,7 @@ class EcsCompute(ComputeResource):
             f"{params['capacityProviderStrategy'][0]['capacityProvider']}): {' '.join(args)}"
         )
         run = self.pipes_client().run(context=context, run_task_params=params)
-        return run.get_materialize_result()
+        return self.result(run, program)
 
 
 class PrefixedS3MessageReader(PipesS3MessageReader):

@@ -27,6 +27,18 @@ ROWS = 45  # rows per test part: every catalogue item at least once, several sha
 SHARD_SIZE = 20
 LOOPBACK = demo.LOOPBACK
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 PART = "part-00000"
 
 
@@ -108,6 +120,38 @@ def label_cmd(shards: Path, out: Path | str, checkpoint: Path, *extra: str) -> l
         "--shards", str(shards), "--output", str(out), "--preset", "timm",
         "--model", demo.DEMO_MODEL, "--checkpoint", str(checkpoint), *extra,
     )  # fmt: skip
+
+
+HAND_LABELER = "hand-labeled-000000000000"
+
+
+def hand_label_folder(root: Path, key: str, labeler: str = HAND_LABELER) -> Path:
+    """A partition's folder in a label set written by a test (not by the label program), made
+    the partition's current one, as the label program would once it finished."""
+    from coyo_platform.common import layout, shards
+    from coyo_platform.common.storage import Storage
+
+    store = Storage(str(root))
+    sets = Storage(layout.label_sets(store))
+    record = layout.labeler_record(sets.root, labeler)
+    if not sets.exists(record):
+        sets.write_json(record, {"labeler": labeler, "weights_sha256": "0" * 64})
+    shards.set_current_labels(sets, key, {"labeler": labeler})
+    folder = Path(layout.labels(store, key, labeler))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def label_folder(root: Path) -> Path:
+    """The one partition folder of the one label set under a label program's ``--output``."""
+    folders = [p for p in root.glob("*/*") if p.is_dir() and p.parent.name != "_current"]
+    assert len(folders) == 1, f"expected one label set with one partition, found {folders}"
+    return folders[0]
+
+
+def label_parquets(root: Path) -> list[Path]:
+    """The labeled shards written so far under a label program's ``--output``."""
+    return sorted(p for p in root.glob("*/*/*.parquet") if p.parent.parent.name != "_current")
 
 
 def download_cmd(metadata: Path, out: Path, *extra: str) -> list[str]:
@@ -201,6 +245,7 @@ SHARED_RUNS = {
     "test_cli.py": "cli_run",
     "test_ui.py": "cli_run",
     "test_kill_resume.py": "cli_run",
+    "test_provenance.py": "cli_run",
     "test_pipeline.py": "pipeline_run",
     "test_s3.py": "pipeline_run",
 }

@@ -217,8 +217,10 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
     labeled = labels.metadata["images_labeled"].value
     assert labeled == download.metadata["succeeded"].value > 0
     assert labels.metadata["checkpoint"].value == checkpoint_url
-    assert labels.metadata["path"].value == f"s3://{s3_bucket}/coyo/labeled_shards/{PART}"
-    rows = pl.scan_parquet(f"s3://{s3_bucket}/coyo/labeled_shards/{PART}/*.parquet").collect()
+    labeler = labels.metadata["labeler"].value
+    folder = f"s3://{s3_bucket}/coyo/labeled_shards/{labeler}/{PART}"
+    assert labels.metadata["path"].value == folder
+    rows = pl.scan_parquet(f"{folder}/*.parquet").collect()
     assert rows.filter(pl.col("error").is_null()).height == labeled
 
     # the two run_task requests: one task each, on the right capacity, small overrides

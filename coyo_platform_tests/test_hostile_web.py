@@ -496,7 +496,8 @@ def test_a_download_process_killed_fails_the_run_clearly_and_a_rerun_finishes(we
     other = cmd[: cmd.index("--number-sample-per-shard") + 1] + ["5", *cmd[-2:]]
     refused = subprocess.run(other, capture_output=True, text=True, check=False)
     assert refused.returncode != 0
-    assert "holds 6 rows, but number_sample_per_shard=5" in refused.stderr
+    assert "settings.number_sample_per_shard=6, but this run asks for" in refused.stderr
+    assert "settings.number_sample_per_shard=5" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 

@@ -40,6 +40,7 @@ from coyo_platform_tests.conftest import (
     CliRun,
     download_cmd,
     label_cmd,
+    label_folder,
     write_tar,
 )
 
@@ -265,7 +266,7 @@ def check_visible(out: Path, undone_allowed: bool = False) -> list[str]:
     names = {p.name for p in out.iterdir()}
     whole = {f"{s}{ext}" for s in done for ext in (".tar", ".parquet", "_stats.json")}
     assert whole <= names, f"a done shard lacks files: {sorted(whole - names)}"
-    undone = names - whole - {"_tmp"}
+    undone = names - whole - {"_tmp", "_fingerprint.json"}
     for name in undone if undone_allowed else ():
         assert name.endswith((".tar", ".parquet")), name
         if name.endswith(".tar"):
@@ -390,29 +391,24 @@ def tars(site, tmp_path_factory) -> Path:
     return folder
 
 
-def one_image_batches_cmd(site, shards: Path, out: Path) -> list[str]:
-    """One image per batch, in fp32. A resumed run starts at another shard, so with larger
-    batches it would group images differently from the uninterrupted run, and on this machine
-    kind's CPUs the bits of a result depend on its batch: bf16 autocast's (FACTS.md section 8),
-    and fp32's too (measured on an AMX Xeon: logits up to 1e-10 apart for one image in a batch
-    of 8 or of 3). With one image per batch both runs compute every image alike."""
-    extra = ("--num-workers", "1", "--batch-size", "1", "--precision", "fp32")
-    return label_cmd(shards, out, site.checkpoint, *extra)
-
-
-def labels_in(out: Path) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("*.parquet"))])
+def default_cmd(site, shards: Path, out: Path) -> list[str]:
+    """The label program with its defaults (precision ``auto``: bf16 on this machine kind's CPUs,
+    the CPU batch size), one loader process."""
+    return label_cmd(shards, out, site.checkpoint, "--num-workers", "1")
 
 
 def test_label_program_killed_mid_write_twice_then_rerun_equals_an_uninterrupted_run(
     site, tars: Path, tmp_path: Path
 ):
     """Killed while the 3rd shard's parquet is being written (whole under its temporary name, not
-    yet renamed), rerun and killed the same way on the 6th, then finished: the same rows, to the
-    bit (one image per batch: see ``one_image_batches_cmd``)."""
-    reference, out, log = tmp_path / "reference", tmp_path / "labels", tmp_path / "log"
-    finish(one_image_batches_cmd(site, tars, reference), log)
-    cmd = one_image_batches_cmd(site, tars, out)
+    yet renamed), rerun and killed the same way on the 6th, then finished: byte-identical files to
+    an uninterrupted run, in the default precision (batches never span shards, so a resumed run
+    batches every shard as the uninterrupted one does)."""
+    reference, root, log = tmp_path / "reference", tmp_path / "labels", tmp_path / "log"
+    finish(default_cmd(site, tars, reference), log)
+    want = label_folder(reference)
+    out = root / want.relative_to(reference)  # the same labeler, the same part
+    cmd = default_cmd(site, tars, root)
     for shard in ("00002", "00005", None):
         written = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
         if shard is None:
@@ -426,18 +422,20 @@ def test_label_program_killed_mid_write_twice_then_rerun_equals_an_uninterrupted
             assert [n.split(".tmp-")[0] for n in temp_files(out)] == [f"{shard}.parquet"]
             for name in out.glob("*.parquet"):  # whatever a reader can see is a whole shard
                 assert pl.read_parquet(name).height == PER_SHARD
+            assert not (root / "_current").exists()  # an unfinished set is nobody's current one
         assert {n: (out / n).read_bytes() for n in written} == written  # kept, not redone
 
     assert not temp_files(out), "a killed write's temporary file was left behind"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
-    got, want = labels_in(out), labels_in(reference)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
+    got = pl.read_parquet(sorted(out.glob("*.parquet")))
     expected = sorted(s * 100 + i for s in range(LABEL_SHARDS) for i in range(PER_SHARD))
     assert sorted(got["id"].to_list()) == expected  # every image once
     assert got["error"].null_count() == got.height
-    assert got.select("id", "key", "imagehash", "labels").equals(
-        want.select("id", "key", "imagehash", "labels")
+    for name in sorted(p.name for p in want.glob("*.parquet")):  # every file, to the byte
+        assert (out / name).read_bytes() == (want / name).read_bytes(), name
+    assert json.loads((root / "_current" / f"{tars.name}.json").read_text())["labeler"] == (
+        want.parent.name
     )
-    assert got.equals(want)  # probabilities too, to the bit
 
 
 # ---------------------------------------------------------------- coyo-platform run

@@ -12,7 +12,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from coyo_platform_tests.conftest import label_cmd, photo_shards, without_dagster
+from coyo_platform_tests.conftest import (
+    label_cmd,
+    label_folder,
+    label_parquets,
+    photo_shards,
+    without_dagster,
+)
 
 SHARDS, PER_SHARD = 12, 6
 
@@ -31,19 +37,20 @@ def test_killed_label_program_rerun_finishes_only_missing_shards(site, many_shar
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    while proc.poll() is None and not list(out.glob("*.parquet")):
+    while proc.poll() is None and not label_parquets(out):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the program finished before it could be killed"
 
-    before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    before = {p.name: p.read_bytes() for p in label_parquets(out)}
+    folder = label_folder(out)
     print(f"killed after {len(before)} of {SHARDS} shards")
     assert 1 <= len(before) < SHARDS
     for name in before:  # whatever a reader can see is a whole shard
-        assert pl.read_parquet(out / name).height == PER_SHARD
+        assert pl.read_parquet(folder / name).height == PER_SHARD
 
     rerun = subprocess.run(
-        label_cmd(many_shards, out, site.checkpoint, "--num-workers", "1"),
+        label_cmd(many_shards, out, site.checkpoint, "--num-workers", "1", *slow[2:]),
         capture_output=True,
         text=True,
         check=True,
@@ -51,9 +58,10 @@ def test_killed_label_program_rerun_finishes_only_missing_shards(site, many_shar
     report = json.loads(rerun.stdout)
     assert report["shards_skipped"] == len(before)
     assert report["shards_labeled"] == SHARDS - len(before)
-    assert {p.name: p.read_bytes() for p in out.glob("*.parquet") if p.name in before} == before
+    assert label_folder(out) == folder  # the same labeler: the same label set
+    assert {p.name: p.read_bytes() for p in folder.glob("*.parquet") if p.name in before} == before
 
-    labels = pl.read_parquet(out / "*.parquet")
+    labels = pl.read_parquet(folder / "*.parquet")
     expected = sorted(s * 100 + i for s in range(SHARDS) for i in range(PER_SHARD))
     assert sorted(labels["id"].to_list()) == expected  # every image once: none lost, none twice
     assert labels["error"].null_count() == labels.height
@@ -79,7 +87,8 @@ def test_unreadable_tars_fail_the_run_by_name_and_the_rest_is_written(
     assert done.returncode == 1
     assert "2 shard(s) could not be read" in done.stderr
     assert "00002.tar" in done.stderr and "00003.tar" in done.stderr
-    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    assert [p.name for p in label_parquets(out)] == ["00000.parquet", "00001.parquet"]
+    assert not (out / "_current").exists()  # an incomplete set does not become the current one
 
 
 def test_label_program_runs_without_dagster(site, many_shards, tmp_path: Path):

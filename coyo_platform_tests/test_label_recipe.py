@@ -68,7 +68,7 @@ def test_labels_match_timm_recipe_and_record_broken_images(site, shards, tmp_pat
     assert summary.failed == 1
     assert summary.failed_by_reason == {"decode: OSError": 1}
 
-    out = pl.read_parquet(tmp_path / "out" / "*.parquet").sort("id")
+    out = pl.read_parquet(Path(summary.folder) / "*.parquet").sort("id")
     broken = out.filter(pl.col("id") == 9999)
     assert broken["error"][0].startswith("decode: OSError")
     assert broken["labels"][0] is None
@@ -86,11 +86,11 @@ def test_rerun_labels_only_missing_shards(site, shards, tmp_path: Path):
     settings = LabelSettings(
         preset="timm", model=demo.DEMO_MODEL, checkpoint=str(site.checkpoint), num_workers=0
     )
-    out = tmp_path / "out"
-    label_shards(str(folder), str(out), settings)
+    out = Path(label_shards(str(folder), str(tmp_path / "out"), settings).folder)
     first = (out / "00000.parquet").read_bytes()
     (out / "00001.parquet").unlink()  # as if the run died before the second shard
-    summary = label_shards(str(folder), str(out), settings)
+    summary = label_shards(str(folder), str(tmp_path / "out"), settings)
+    assert summary.folder == str(out)
     assert (summary.shards_done, summary.shards_skipped) == (1, 1)
     assert (out / "00000.parquet").read_bytes() == first
     assert not list(out.glob("*.tmp-*")), "no temporary file may be left visible"
@@ -102,7 +102,7 @@ def test_coyo_preset_is_the_cards_eval(site):
     assert settings.activation == "sigmoid"
     # the preset's preprocessing, applied to a small model loaded offline
     settings = LabelSettings(model=demo.DEMO_MODEL, checkpoint=str(site.checkpoint))
-    _, config = load_model(settings)
+    _, config, _ = load_model(settings)
     assert config["input_size"] == (3, 512, 512)
     assert config["interpolation"] == "bilinear"
     assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)
@@ -129,8 +129,9 @@ def test_checkpoint_with_wrong_class_count_is_refused(tmp_path: Path):
 
 def _label(folder: Path, out: Path, site, **settings) -> pl.DataFrame:
     base = {"preset": "timm", "model": demo.DEMO_MODEL, "checkpoint": str(site.checkpoint)}
-    label_shards(str(folder), str(out), LabelSettings(**{**base, **settings}))
-    return pl.read_parquet(out / "*.parquet").filter(pl.col("error").is_null()).sort("id")
+    summary = label_shards(str(folder), str(out), LabelSettings(**{**base, **settings}))
+    labels = pl.read_parquet(Path(summary.folder) / "*.parquet")
+    return labels.filter(pl.col("error").is_null()).sort("id")
 
 
 def test_compiled_model_gives_the_same_labels(site, shards, tmp_path: Path):
@@ -228,6 +229,6 @@ def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path
             "sample json: JSONDecodeError": 1,
             "sample json: ValueError": 1,
         }
-        rows = pl.read_parquet(out / "00000.parquet").sort("key")
+        rows = pl.read_parquet(Path(summary.folder) / "00000.parquet").sort("key")
         assert rows["id"].to_list() == [1, 2, None, None]
         assert rows["labels"].list.len().to_list() == [50, 50, None, None]

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.common.formats import CARD_SCHEMA
 from coyo_platform.common.labelspace import NUM_CLASSES
+from coyo_platform.common.shards import label_files
+from coyo_platform.common.storage import Storage
 from coyo_platform.definitions import PIPELINE
 from coyo_platform.sample.rules import DEFAULT_THRESHOLD
 from coyo_platform_tests.conftest import (
@@ -101,7 +103,7 @@ def test_one_partition_end_to_end(pipeline_run: PipelineRun, site):
         assert probs_row[0] >= DEFAULT_THRESHOLD
 
     # the subset is exactly the labeled rows that clear the threshold
-    labeled = pl.read_parquet(root / "labeled_shards" / PART / "*.parquet")
+    labeled = pl.read_parquet(label_files(Storage(str(root)), PART))
     clear = labeled.filter(pl.col("label_probs").list.first() >= DEFAULT_THRESHOLD)
     assert sorted(subset["id"]) == sorted(clear["id"])
     assert _metadata(result, "coyo_labeled_300m")["rows"] == subset.height

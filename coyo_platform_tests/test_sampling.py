@@ -26,6 +26,7 @@ from coyo_platform.sample import rules
 from coyo_platform.sample.subset import build_subset
 from coyo_platform.stats import aggregate as stats
 from coyo_platform.stats.report import threshold_rows
+from coyo_platform_tests.conftest import HAND_LABELER, hand_label_folder
 
 #: float32(0.7) is just below 0.7: an image at exactly that probability is not "above 0.7".
 BELOW_07 = float(np.float32(0.7))
@@ -61,8 +62,7 @@ def _rows(n: int, seed: int, first_id: int, shared_hashes: list[str]) -> list[di
 
 
 def _write_partition(root: Path, key: str, rows: list[dict], shards: int = 3) -> None:
-    folder = root / "labeled_shards" / key
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = hand_label_folder(root, key)
     size = -(-len(rows) // shards)
     store = Storage(str(root))
     for s in range(shards):
@@ -126,7 +126,9 @@ def test_partition_aggregates_equal_a_direct_count_over_all_rows(dataset):
     store = Storage(str(root))
     aggs = []
     for key in parts:
-        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        files = sorted(
+            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
+        )
         agg, index = stats.aggregate_files(store.scan_parquet, files, ODD_THRESHOLDS, chunk_files=2)
         aggs.append(agg)
         assert index.num_rows == len(_ok(parts[key]))
@@ -221,7 +223,9 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
     root, parts = dataset
     store = Storage(str(root))
     for key in parts:
-        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        files = sorted(
+            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
+        )
         agg, index = stats.aggregate_files(store.scan_parquet, files)
         store.write_parquet(layout.index(store, key), index)
         store.write_json(layout.stats(store, key), agg.to_json())
@@ -236,7 +240,9 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
     got: set = set()
     for key in parts:
         duplicates, cutoffs = plans.partition_filters(store, plan, key)
-        files = sorted(str(f) for f in (root / "labeled_shards" / key).glob("*.parquet"))
+        files = sorted(
+            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
+        )
         table, _ = build_subset(
             store.scan_parquet(files),
             store.scan_parquet(str(root / "coyo700m_metadata" / f"{key}.parquet")),

@@ -11,6 +11,8 @@ import polars as pl
 import pytest
 
 from coyo_platform.assets.subset_plan import subset_plan
+from coyo_platform.common.shards import label_files
+from coyo_platform.common.storage import Storage
 from coyo_platform.definitions import CHECKS, PIPELINE, ROLLUPS, local_resources
 from coyo_platform.resources import SourceResource, StorageResource
 from coyo_platform.sensors import (
@@ -19,7 +21,7 @@ from coyo_platform.sensors import (
     coyo_parts_sensor,
     unlabeled_shards_sensor,
 )
-from coyo_platform_tests.conftest import fast_run_config, write_tar
+from coyo_platform_tests.conftest import fast_run_config, hand_label_folder, write_tar
 
 
 @pytest.fixture
@@ -43,8 +45,7 @@ def _shard(root: Path, part: str, name: str, photo: bytes, finished: bool = True
 
 
 def _labels(root: Path, part: str, name: str) -> None:
-    folder = root / "labeled_shards" / part
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = hand_label_folder(root, part)
     pl.DataFrame({"id": [int(name) * 10]}).write_parquet(folder / f"{name}.parquet")
 
 
@@ -195,7 +196,7 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
         )
         assert labeled.success
         part = label_request.partition_key
-        assert list((root / "labeled_shards" / part).glob("*.parquet"))
+        assert label_files(Storage(str(root)), part)
         after, _ = _tick(unlabeled_shards_sensor, instance, storage=resources["storage"])
         assert isinstance(after, dg.SkipReason)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,15 +15,8 @@ import pytest
 from PIL import Image
 
 from coyo_platform.definitions import PIPELINE
-from coyo_platform_tests.conftest import BIN, CliRun
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from coyo_platform_tests.conftest import BIN, REPO, CliRun
+from coyo_platform_tests.conftest import free_port as _free_port
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:

@@ -95,6 +95,35 @@ def config_for(settings_class: type, name: str) -> type[StageConfig]:
     return config
 
 
+#: Bumped when an asset's code changes what it writes (not for a refactor that writes the same).
+CODE_VERSIONS = {
+    "coyo700m_metadata": 2,
+    "downloaded_shards": 2,
+    "labeled_shards": 2,
+    "label_stats": 2,
+    "label_stats_rollup": 2,
+    "subset_plan": 2,
+    "coyo_labeled_300m": 2,
+    "subset_manifest": 2,
+    "label_agreement": 1,
+}
+
+
+def code_version(asset: str, settings_class: type | None = None) -> str:
+    """The asset's code version: its number above and its settings' defaults, so that a deploy
+    that changes either marks every materialized partition unsynced in the UI (nothing is run
+    because of it: see ``REFRESH``; a person or a backfill decides)."""
+    from dataclasses import MISSING, fields
+
+    from coyo_platform.common.provenance import digest
+
+    defaults = {}
+    for f in fields(settings_class) if settings_class else ():
+        default = f.default if f.default is not MISSING else None
+        defaults[f.name] = list(default) if isinstance(default, tuple) else default
+    return f"{CODE_VERSIONS[asset]}-{digest(defaults, 8)}"
+
+
 def config_class_of(asset: dg.AssetsDefinition) -> type[StageConfig] | None:
     """The launchpad config an asset takes, if it is a stage's."""
     hints = typing.get_type_hints(asset.op.compute_fn.decorated_fn)

@@ -4,6 +4,7 @@ from coyo_platform.assets import (
     GROUP,
     ONE_PARTITION_PER_RUN,
     bad_input,
+    code_version,
     config_for,
     location,
     settings_or_fail,
@@ -21,6 +22,7 @@ MetadataConfig = config_for(IngestSettings, "MetadataConfig")
     group_name=GROUP,
     kinds={"parquet"},
     backfill_policy=ONE_PARTITION_PER_RUN,
+    code_version=code_version("coyo700m_metadata", IngestSettings),
 )
 def coyo700m_metadata(
     context: dg.AssetExecutionContext,
@@ -35,6 +37,7 @@ def coyo700m_metadata(
     except (BadPartError, FileNotFoundError, ValueError) as exc:  # the part itself: not retried
         raise bad_input(str(exc)) from exc
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(part.fingerprint["ids_and_urls_sha256"][:16]),
         metadata={
             "rows": part.rows,
             "rows_in_source_part": part.source_rows if part.source_rows is not None else "not read",
@@ -43,5 +46,6 @@ def coyo700m_metadata(
             "source": location(part.source_url),
             "path": dg.MetadataValue.path(part.url),
             "bytes_written": part.bytes_written,
-        }
+            "source_digest": part.fingerprint["ids_and_urls_sha256"][:16],
+        },
     )

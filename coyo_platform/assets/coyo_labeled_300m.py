@@ -1,10 +1,17 @@
 import dagster as dg
 import polars as pl
 
-from coyo_platform.assets import GROUP, ONE_PARTITION_PER_RUN, REFRESH, bad_input, metadata_table
+from coyo_platform.assets import (
+    GROUP,
+    ONE_PARTITION_PER_RUN,
+    REFRESH,
+    bad_input,
+    code_version,
+    metadata_table,
+)
 from coyo_platform.assets.labeled_shards import labeled_shards
 from coyo_platform.assets.subset_plan import subset_plan
-from coyo_platform.common import layout
+from coyo_platform.common import layout, provenance
 from coyo_platform.common.formats import CARD_SCHEMA
 from coyo_platform.common.tables import Table
 from coyo_platform.partitions import coyo_parts
@@ -25,6 +32,7 @@ def _preview(frame: pl.DataFrame) -> Table:
     backfill_policy=ONE_PARTITION_PER_RUN,
     group_name=GROUP,
     kinds={"parquet"},
+    code_version=code_version("coyo_labeled_300m"),
 )
 def coyo_labeled_300m(
     context: dg.AssetExecutionContext, storage: StorageResource
@@ -38,7 +46,9 @@ def coyo_labeled_300m(
     except (PlanMismatch, StaleLabels) as err:
         raise bad_input(str(err)) from err
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(provenance.digest([plan.digest, part.labeler, part.rows])),
         metadata={
+            "labeler": part.labeler or "none",
             "rows": part.rows,
             "images_labeled": part.labeled,
             "share_kept": round(part.rows / part.labeled, 4) if part.labeled else 0.0,
@@ -47,7 +57,7 @@ def coyo_labeled_300m(
             "rows_expected_by_plan": -1 if part.expected is None else part.expected,
             "path": dg.MetadataValue.path(part.url),
             "preview": metadata_table(_preview(part.preview)),
-        }
+        },
     )
 
 

@@ -4,12 +4,15 @@ from coyo_platform.assets import (
     GROUP,
     ONE_PARTITION_PER_RUN,
     TRANSIENT_RETRIES,
+    bad_input,
+    code_version,
     config_for,
     settings_or_fail,
 )
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
-from coyo_platform.common import layout, shards
+from coyo_platform.common import layout, provenance, shards
 from coyo_platform.common.settings import to_arguments
+from coyo_platform.download import fingerprint
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import ComputeResource, StorageResource
@@ -24,6 +27,7 @@ DownloadConfig = config_for(DownloadSettings, "DownloadConfig")
     kinds={"webdataset"},
     retry_policy=TRANSIENT_RETRIES,
     backfill_policy=ONE_PARTITION_PER_RUN,
+    code_version=code_version("downloaded_shards", DownloadSettings),
 )
 def downloaded_shards(
     context: dg.AssetExecutionContext,
@@ -32,9 +36,14 @@ def downloaded_shards(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     """The part's images, downloaded by img2dataset into webdataset shards (resumes on rerun)."""
-    settings_or_fail(config, "downloaded_shards")
+    settings = settings_or_fail(config, "downloaded_shards")
     store, key = storage.store(), context.partition_key
-    args = ["--metadata", layout.metadata(store, key), "--output", layout.shards(store, key)]
+    metadata, folder = layout.metadata(store, key), layout.shards(store, key)
+    try:  # here, before a program or a task starts: a mismatch is not retried
+        fingerprint.check_folder(store, folder, fingerprint.current(metadata, settings))
+    except provenance.Mismatch as err:
+        raise bad_input(f"downloaded_shards[{key}]: {err}") from err
+    args = ["--metadata", metadata, "--output", folder]
     return compute.run_program(
         context, "download", args + to_arguments(config.model_dump()), env=store.env()
     )

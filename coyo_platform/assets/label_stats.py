@@ -4,12 +4,14 @@ from coyo_platform.assets import (
     GROUP,
     ONE_PARTITION_PER_RUN,
     REFRESH,
+    bad_input,
+    code_version,
     config_for,
     metadata_table,
     settings_or_fail,
 )
 from coyo_platform.assets.labeled_shards import labeled_shards
-from coyo_platform.common import layout
+from coyo_platform.common import layout, provenance
 from coyo_platform.common.labelspace import class_names
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import StorageResource
@@ -26,6 +28,7 @@ def stats_metadata(written: Written) -> dict:
     metadata = {
         "images_labeled": agg.images,
         "images_failed": agg.failed,
+        "labelers": ", ".join(agg.labelers),
         "threshold_table": metadata_table(report.threshold_table(agg)),
         "top1_classes": metadata_table(report.top_classes_table(agg, names)),
         "top1_histogram": metadata_table(report.histogram_table(agg)),
@@ -47,6 +50,7 @@ def stats_metadata(written: Written) -> dict:
     kinds={"polars"},
     automation_condition=REFRESH,
     backfill_policy=ONE_PARTITION_PER_RUN,
+    code_version=code_version("label_stats", StatsSettings),
 )
 def label_stats(
     context: dg.AssetExecutionContext, config: StatsConfig, storage: StorageResource
@@ -55,10 +59,14 @@ def label_stats(
     partition, as mergeable counts; plus its index (id, pHash, top-1) for the sampling plan."""
     settings = settings_or_fail(config, "label_stats")
     store, key = storage.store(), context.partition_key
-    written = write_partition_stats(store, key, settings)
+    try:
+        written = write_partition_stats(store, key, settings)
+    except FileNotFoundError as err:  # nothing labeled: label first
+        raise bad_input(f"label_stats[{key}]: {err}") from err
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(provenance.digest(written.aggregate.to_json())),
         metadata={
             **stats_metadata(written),
             "index": dg.MetadataValue.path(layout.index(store, key)),
-        }
+        },
     )

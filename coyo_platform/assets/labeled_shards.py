@@ -5,6 +5,7 @@ from coyo_platform.assets import (
     ONE_PARTITION_PER_RUN,
     TRANSIENT_RETRIES,
     bad_input,
+    code_version,
     config_for,
     settings_or_fail,
 )
@@ -26,6 +27,7 @@ LabelConfig = config_for(LabelSettings, "LabelConfig")
     pool="gpu",  # one labeling run per GPU (limit: infra/dagster.yaml, `concurrency set`)
     retry_policy=TRANSIENT_RETRIES,
     backfill_policy=ONE_PARTITION_PER_RUN,
+    code_version=code_version("labeled_shards", LabelSettings),
 )
 def labeled_shards(
     context: dg.AssetExecutionContext,
@@ -33,7 +35,9 @@ def labeled_shards(
     storage: StorageResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image."""
+    """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image,
+    in the label set of this labeler (``labeled_shards/<labeler id>/<part>/``), which then becomes
+    the partition's current one; another labeler's labels are never reused or overwritten."""
     # the label program's own checks (a model name timm knows, the preset, sizes...), here, before
     # any program or GPU task starts: a typo fails the step at once, and is not retried
     settings_or_fail(config, "labeled_shards")
@@ -41,7 +45,7 @@ def labeled_shards(
     folder = layout.shards(store, key)
     if not shards.tars(store, folder):
         raise bad_input(f"no downloaded shards in {folder}: download first")
-    args = ["--shards", folder, "--output", layout.labels(store, key)]
+    args = ["--shards", folder, "--output", layout.label_sets(store), "--part", key]
     return compute.run_program(
         context, "label", args + to_arguments(config.model_dump()), env=store.env()
     )
@@ -53,10 +57,12 @@ def label_coverage(
 ) -> dg.AssetCheckResult:
     """Every downloaded image has its label row (or its failure), every finished shard its
     labels. Blocking: label stats and the subset are not built on incomplete labels."""
-    found = shards.label_coverage(storage.store(), context.partition_key)
+    store = storage.store()
+    found = shards.label_coverage(store, context.partition_key)
     return dg.AssetCheckResult(
         passed=found.complete,
         metadata={
+            "labeler": shards.current_labeler(store, context.partition_key) or "none",
             "downloaded_images": found.downloaded_images,
             "label_rows": found.label_rows,
             "unlabeled_shards": len(found.unlabeled_shards),

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from coyo_platform.assets import GROUP, REFRESH_ROLLUP
+from coyo_platform.assets import GROUP, REFRESH_ROLLUP, code_version
 from coyo_platform.assets.coyo_labeled_300m import coyo_labeled_300m
 from coyo_platform.resources import StorageResource
 from coyo_platform.sample.manifest import write_manifest
@@ -15,6 +15,7 @@ from coyo_platform.sample.plan import current_plan
     kinds={"json"},
     automation_condition=REFRESH_ROLLUP,
     check_specs=[dg.AssetCheckSpec("subset_complete", asset="subset_manifest")],
+    code_version=code_version("subset_manifest"),
 )
 def subset_manifest(storage: StorageResource):
     """Every subset part with its rows, bytes and plan; the check fails while a planned part is
@@ -29,6 +30,7 @@ def subset_manifest(storage: StorageResource):
             "bytes": summary["bytes"],
             "threshold": manifest.threshold,
             "plan_digest": manifest.plan_digest,
+            "labelers": ", ".join(manifest.labelers) or "none",
             "path": dg.MetadataValue.path(url),
         }
     )

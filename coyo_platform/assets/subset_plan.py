@@ -3,11 +3,18 @@ class caps, decided once over every partition with label stats (logic in ``sampl
 
 import dagster as dg
 
-from coyo_platform.assets import GROUP, REFRESH_ROLLUP, bad_input, config_for, settings_or_fail
+from coyo_platform.assets import (
+    GROUP,
+    REFRESH_ROLLUP,
+    bad_input,
+    code_version,
+    config_for,
+    settings_or_fail,
+)
 from coyo_platform.assets.label_stats import label_stats
 from coyo_platform.common import layout
 from coyo_platform.resources import StorageResource
-from coyo_platform.sample.plan import NoStats, plan_and_write
+from coyo_platform.sample.plan import MixedLabelers, NoStats, plan_and_write
 from coyo_platform.sample.rules import Sampling
 
 PlanConfig = config_for(Sampling, "PlanConfig")
@@ -27,6 +34,7 @@ def recorded_digest(context: dg.AssetExecutionContext) -> str | None:
     kinds={"polars"},
     automation_condition=REFRESH_ROLLUP,
     output_required=False,
+    code_version=code_version("subset_plan", Sampling),
 )
 def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: StorageResource):
     """Which labeled images the subset keeps. A new plan that decides the same as the current one
@@ -37,7 +45,7 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
     store = storage.store()
     try:
         plan, _ = plan_and_write(store, sampling, log=context.log.info)
-    except NoStats as err:  # label stats come first
+    except (NoStats, MixedLabelers) as err:  # label stats come first, from one labeler
         raise bad_input(f"subset_plan: {err}") from err
     # compared with the last *recorded* plan, not plan.json: a run killed between writing
     # plan.json and recording it must still record it, or the subsets would never refresh
@@ -45,6 +53,7 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
         context.log.info(f"plan unchanged ({plan.digest}): subsets stay as they are")
         return
     yield dg.MaterializeResult(
+        data_version=dg.DataVersion(plan.digest),
         metadata={
             "threshold": plan.threshold,
             "target_rows": plan.target_rows or 0,
@@ -55,7 +64,8 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
             "classes_capped": plan.classes_capped,
             "partitions": len(plan.partitions),
             "digest": plan.digest,
+            "labelers": ", ".join(sorted(set(plan.labelers.values()))),
             "rows_per_partition": dg.MetadataValue.json(plan.rows_per_partition),
             "path": dg.MetadataValue.path(layout.plan(store)),
-        }
+        },
     )

@@ -3,12 +3,15 @@ its asset::
 
     <root>/coyo700m_metadata/<part>.parquet
     <root>/downloaded_shards/<part>/NNNNN.tar|.parquet|_stats.json    (img2dataset's layout)
-    <root>/labeled_shards/<part>/NNNNN.parquet
+    <root>/downloaded_shards/<part>/_fingerprint.json                  (source part, settings)
+    <root>/labeled_shards/<labeler id>/<part>/NNNNN.parquet, <root>/labeled_shards/<labeler id>/
+        _labeler.json, <root>/labeled_shards/_current/<part>.json        (one set per labeler)
     <root>/label_stats/<part>.json|.index.parquet|.png, _all_partitions.json|.png, _classes.parquet
     <root>/subset_plan/plan.json, <root>/subset_plan/<plan id>/duplicates/NNNNN.parquet,
         <root>/subset_plan/<plan id>/class_cutoffs.parquet
     <root>/coyo_labeled_300m/<part>.parquet, _manifest.json
     <root>/taxonomy/classes.parquet, hierarchy.parquet
+    <root>/label_agreement/<baseline>_vs_<candidate>.json
 
 The programs are handed folders (a partition's shards, its labels) and name the shard files in
 them with :func:`shard_file`; the download program builds each shard in :func:`staging` first.
@@ -30,7 +33,11 @@ STATS = "label_stats"
 PLAN = "subset_plan"
 SUBSET = "coyo_labeled_300m"
 TAXONOMY = "taxonomy"
+AGREEMENT = "label_agreement"
 
+FINGERPRINT = "_fingerprint.json"  # a downloaded-shards folder's (download/fingerprint.py)
+LABELER_FILE = "_labeler.json"
+CURRENT = "_current"
 STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
 ROLLUP = "_all_partitions"
 PLAN_FILE = "plan.json"
@@ -46,9 +53,39 @@ def shards(store: Storage, key: str) -> str:
     return store.url(DOWNLOADS, key)
 
 
-def labels(store: Storage, key: str) -> str:
-    """The folder of a partition's labeled shards."""
-    return store.url(LABELS, key)
+def label_sets(store: Storage) -> str:
+    """The folder holding one label set per labeler."""
+    return store.url(LABELS)
+
+
+def labels(store: Storage, key: str, labeler: str) -> str:
+    """The folder of a partition's labeled shards in ``labeler``'s label set."""
+    return labels_in(label_sets(store), key, labeler)
+
+
+def labels_in(sets: str, key: str, labeler: str) -> str:
+    """:func:`labels` below a label sets' folder (the label program's ``--output``)."""
+    return f"{sets.rstrip('/')}/{labeler}/{key}"
+
+
+def labeler_record(labels_root: str, labeler: str) -> str:
+    """A label set's fingerprint (``label/labeler.py``)."""
+    return f"{labels_root.rstrip('/')}/{labeler}/{LABELER_FILE}"
+
+
+def current_labels(store: Storage, key: str) -> str:
+    """Which label set is the partition's current one."""
+    return current_in(label_sets(store), key)
+
+
+def current_in(sets: str, key: str) -> str:
+    return f"{sets.rstrip('/')}/{CURRENT}/{key}.json"
+
+
+def labelers(store: Storage) -> list[str]:
+    """The ids of the label sets under the storage root."""
+    found = store.glob(labeler_record(store.url(LABELS), "*"))
+    return sorted(f.rstrip("/").rsplit("/", 2)[-2] for f in found)
 
 
 def shard_file(folder: str, shard: str, suffix: str) -> str:
@@ -140,3 +177,8 @@ def manifest(store: Storage) -> str:
 def taxonomy(store: Storage, table: str) -> str:
     """``classes`` or ``hierarchy``."""
     return store.url(TAXONOMY, f"{table}.parquet")
+
+
+def agreement(store: Storage, baseline: str, candidate: str) -> str:
+    """Two label sets compared (``stats/agreement.py``)."""
+    return store.url(AGREEMENT, f"{baseline}_vs_{candidate}.json")

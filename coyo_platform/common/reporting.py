@@ -50,12 +50,18 @@ class Reporter:
                 self.log.addHandler(handler)
                 self.log.setLevel(logging.INFO)
 
-    def report(self, metadata: dict[str, Any]) -> None:
+    def report(self, metadata: dict[str, Any], data_version: str | None = None) -> None:
+        """The materialization: its metadata and the data version downstream depends on."""
         if self._pipes is not None:
-            self._pipes.report_asset_materialization(metadata=metadata)
+            self._pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
         else:
             plain = {k: v["raw_value"] if isinstance(v, dict) else v for k, v in metadata.items()}
-            print(json.dumps(plain, indent=1, default=str))
+            print(json.dumps({**plain, "data_version": data_version}, indent=1, default=str))
+
+
+#: A Pipes custom message of this form says the program stopped on bad input or mismatched state:
+#: ``{FAILURE: "what, why, what to do"}``; the compute seam raises it as a failure not retried.
+FAILURE = "coyo_failure"
 
 
 def _pipes_channels() -> dict[str, Any]:
@@ -76,11 +82,26 @@ def _pipes_channels() -> dict[str, Any]:
     return channels
 
 
+#: What a program stops on without any retry helping: bad settings or input, a checkpoint that
+#: is not weights, a fingerprint that does not match (``provenance.Mismatch`` is a ValueError).
+FINAL_ERRORS = (ValueError, FileNotFoundError)
+
+
 @contextmanager
 def open_reporter() -> Iterator[Reporter]:
-    """Pipes when this process was launched through Dagster Pipes, else the terminal."""
+    """Pipes when this process was launched through Dagster Pipes, else the terminal. A final
+    error (:data:`FINAL_ERRORS`) ends the program: through Pipes as a :data:`FAILURE` message
+    (exit 0, no materialization: Dagster fails the step without retrying it), from a shell as one
+    ``error:`` line and exit status 2."""
     if PipesEnvVarParamsLoader().is_dagster_pipes_process():
         with open_dagster_pipes(**_pipes_channels()) as pipes:
-            yield Reporter(pipes)
+            try:
+                yield Reporter(pipes)
+            except FINAL_ERRORS as exc:
+                pipes.report_custom_message({FAILURE: str(exc)})
     else:
-        yield Reporter(None)
+        try:
+            yield Reporter(None)
+        except FINAL_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None

@@ -1,6 +1,11 @@
 """Which shards are done, read from storage alone: the two programs, the sensors and the checks
 all list them here. A person can ask the same questions without Dagster.
 
+Labels are kept per labeler (``labeled_shards/<labeler id>/<part>/``); a partition's *current*
+label set is the one its pointer names (``labeled_shards/_current/<part>.json``), written by the
+label program once every finished shard has labels in that set. Everything downstream (stats,
+plan, subset, coverage, the sensor) reads the current set, so labels of two labelers never mix.
+
 A downloaded shard is *finished* when its ``NNNNN_stats.json`` exists: the download program moves
 it into place after the shard's tar and parquet (``download/shard.py``), img2dataset writes it last
 too, and img2dataset's incremental mode uses the same test. So shards that an img2dataset run
@@ -37,9 +42,31 @@ def labeled(store: Storage, folder: str) -> set[str]:
     return {layout.shard_name(p) for p in store.glob(layout.shard_file(folder, "*", ".parquet"))}
 
 
+def current_labels(store: Storage, key: str) -> dict | None:
+    """The partition's current label set: ``{"labeler": id, ...}`` (None: never labeled)."""
+    return store.read_json_if_exists(layout.current_labels(store, key))
+
+
+def current_labeler(store: Storage, key: str) -> str | None:
+    record = current_labels(store, key)
+    return record["labeler"] if record else None
+
+
+def set_current_labels(sets: Storage, key: str, record: dict) -> None:
+    """Make a label set the partition's current one (``sets``: the label sets' folder)."""
+    sets.write_json(layout.current_in(sets.root, key), record)
+
+
+def labels_folder(store: Storage, key: str) -> str | None:
+    """The folder of the partition's current labels (None: never labeled)."""
+    labeler = current_labeler(store, key)
+    return layout.labels(store, key, labeler) if labeler else None
+
+
 def unlabeled(store: Storage, key: str) -> list[str]:
-    """Finished shards of the partition without their labels."""
-    done = labeled(store, layout.labels(store, key))
+    """Finished shards of the partition without labels in its current label set."""
+    folder = labels_folder(store, key)
+    done = labeled(store, folder) if folder else set()
     return [s for s in finished(store, layout.shards(store, key)) if s not in done]
 
 
@@ -92,6 +119,34 @@ def label_coverage(store: Storage, key: str) -> Coverage:
     return Coverage(downloaded, int(rows), [s for s in done if s not in present])
 
 
-def label_files(store: Storage, key: str) -> list[str]:
-    """The partition's labeled-shard parquets, in shard order."""
-    return store.glob(layout.shard_file(layout.labels(store, key), "*", ".parquet"))
+def label_files(store: Storage, key: str, labeler: str | None = None) -> list[str]:
+    """The partition's labeled-shard parquets in its current label set (or ``labeler``'s), in
+    shard order."""
+    labeler = labeler or current_labeler(store, key)
+    if labeler is None:
+        return []
+    return store.glob(layout.shard_file(layout.labels(store, key, labeler), "*", ".parquet"))
+
+
+#: The partitioned stages, in flow order, and what :func:`clear_partition` deletes for each.
+STAGES = ("downloaded_shards", "labeled_shards", "label_stats", "coyo_labeled_300m")
+
+
+def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
+    """Delete partition ``key``'s output of ``stage`` and of every stage after it (every label
+    set's labels of the part, not only the current one's); returns what was deleted. The source
+    part's copy is kept: the next run copies it again anyway."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
+    targets: list[str] = []
+    later = STAGES[STAGES.index(stage) :]
+    if "downloaded_shards" in later:
+        targets.append(layout.shards(store, key))
+    if "labeled_shards" in later:
+        targets += [layout.labels(store, key, labeler) for labeler in layout.labelers(store)]
+        targets.append(layout.current_labels(store, key))
+    if "label_stats" in later:
+        stats = layout.stats(store, key)
+        targets += [stats, layout.index(store, key), layout.chart(stats)]
+    targets.append(layout.subset(store, key))
+    return [url for url in targets if store.remove(url)]

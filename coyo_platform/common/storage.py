@@ -179,6 +179,23 @@ class Storage:
         with self.fs.open(url, "rb") as fh:
             return json.load(fh)
 
+    def parquet_metadata(self, url: str) -> tuple[int, dict[str, str]]:
+        """A parquet file's row count and key-value metadata, from its footer alone."""
+        with self.fs.open(url, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        pairs = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+        return meta.num_rows, pairs
+
+    def read_json_if_exists(self, url: str) -> Any | None:
+        return self.read_json(url) if self.exists(url) else None
+
+    def remove(self, url: str) -> bool:
+        """Delete a file or a folder (with what it holds); whether there was one."""
+        if not self.exists(url):
+            return False
+        self.fs.rm(url, recursive=True)
+        return True
+
     def presigned_url(self, url: str, seconds: int) -> str | None:
         """An https address a browser can fetch for ``seconds`` (S3), or None (a local folder)."""
         if self.is_local:

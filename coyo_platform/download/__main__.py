@@ -6,7 +6,9 @@ Usage::
         --output data/downloaded_shards/part-00000 [--image-size 512] [--processes-count 16] ...
 
 Every setting of ``download/settings.py`` is a flag (``--help`` lists them). Reruns resume:
-shards with a ``_stats.json`` are kept. URLs to non-public addresses are refused
+shards with a ``_stats.json`` are kept, when the folder's ``_fingerprint.json`` (source part,
+settings that change the bytes) matches this run's; otherwise it stops and says how to start over.
+URLs to non-public addresses are refused
 (``--allow-networks 10.0.0.0/8,127.0.0.1`` lets some through: tests, private mirrors).
 Started by the ``downloaded_shards`` asset through Dagster Pipes (then it reports its counts to
 Dagster), or by hand from a shell (then it prints them as JSON).
@@ -22,6 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import-time update
 
 from coyo_platform.common import settings as declared  # noqa: E402
 from coyo_platform.common.reporting import open_reporter  # noqa: E402
+from coyo_platform.common.storage import Storage  # noqa: E402
+from coyo_platform.download import fingerprint  # noqa: E402
 from coyo_platform.download.run import download_partition  # noqa: E402
 from coyo_platform.download.settings import DownloadSettings  # noqa: E402
 
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{s.by_status.get('blocked', 0)} blocked; drift rate {s.drift_rate:.2%}"
         )
         report.report(
-            s.metadata(settings.drift_distance, settings.drop_drifted, settings.image_size)
+            s.metadata(settings.drift_distance, settings.drop_drifted, settings.image_size),
+            data_version=fingerprint.data_version(out := Storage(args.output), out.root),
         )
 
 

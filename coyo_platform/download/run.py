@@ -24,8 +24,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import polars as pl
 
-from coyo_platform.common import layout, shards
+from coyo_platform.common import shards
 from coyo_platform.common.storage import Storage, is_local
+from coyo_platform.download import fingerprint
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.download.shard import ShardDownloader, clear_staging
 from coyo_platform.download.summary import DownloadSummary, summarize
@@ -67,13 +68,15 @@ def _exclusive(output: str) -> Iterator[None]:
 def run_shards(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
 ) -> list[int]:
-    """Download every shard of the part not done yet; returns the shard ids that failed."""
+    """Download every shard of the part not done yet; returns the shard ids that failed. The
+    folder's fingerprint is checked (or, in a new folder, recorded) under the folder's lock."""
     from img2dataset.reader import Reader
 
     store = Storage(output)
     output = store.root
     store.fs.makedirs(output, exist_ok=True)
     with _exclusive(output), tempfile.TemporaryDirectory(prefix="coyo-download-") as tmp:
+        fingerprint.check_or_record(store, output, fingerprint.current(metadata_url, settings))
         clear_staging(output)  # a killed run's staging
         done = {int(s) for s in shards.finished(store, store.root) if s.isdigit()}
         reader = Reader(
@@ -124,33 +127,16 @@ def _run_pool(
     return failed
 
 
-def _check_shard_size(store: Storage, done: list[str], rows: int, size: int) -> None:
-    """Shards already there must have been cut like this run cuts them, or rows would be lost or
-    doubled: read the first finished shard's row count."""
-    if not done:
-        return
-    first = done[0]
-    expected = min(size, rows - int(first) * size)
-    stats_file = layout.shard_file(store.root, first, layout.STATS_DONE)
-    count = store.read_json(stats_file).get("count")
-    if count != expected:
-        raise ValueError(
-            f"{stats_file} holds {count} rows, but number_sample_per_shard={size} makes that "
-            f"shard {max(expected, 0)} rows: rerun with the setting the folder was started "
-            f"with, or delete {store.root} to start over"
-        )
-
-
 def download_partition(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
 ) -> DownloadSummary:
     """Download (or resume) a partition; raise if shards are left unfinished."""
     store = Storage(output)
     output = store.root
+    fingerprint.check_folder(store, output, fingerprint.current(metadata_url, settings))
     rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
     expected = math.ceil(rows / settings.number_sample_per_shard)
     before = shards.finished(store, store.root)
-    _check_shard_size(store, before, rows, settings.number_sample_per_shard)
     start = time.monotonic()
     if len(before) < expected:
         run_shards(metadata_url, output, settings, on_shard)

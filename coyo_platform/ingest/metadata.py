@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
+import fsspec
 import polars as pl
 
-from coyo_platform.common import layout
+from coyo_platform.common import layout, provenance
 from coyo_platform.common.settings import setting
 from coyo_platform.common.storage import Storage
 from coyo_platform.ingest.schema import BadPartError, check_coyo700m_schema, normalize_coyo700m
@@ -32,6 +35,7 @@ class PartCopy:
     source_rows: int | None
     unique_urls: int
     bytes_written: int
+    fingerprint: dict[str, Any]
 
 
 def copy_part(
@@ -72,8 +76,17 @@ def copy_part(
         raise BadPartError(
             f"{url}: column 'url' has {len(no_url)} null or empty value(s), e.g. id {no_url[0]}"
         )
+    fingerprint = {
+        "location": url,
+        "bytes": _size(url),
+        "rows": table.height,
+        "limit": limit,
+        "ids_and_urls_sha256": provenance.ids_and_urls_digest(table),
+    }
     out = layout.metadata(storage, key)
-    storage.write_parquet(out, table.to_arrow())
+    arrow = table.to_arrow()
+    meta = {**(arrow.schema.metadata or {}), provenance.SOURCE_KEY: json.dumps(fingerprint)}
+    storage.write_parquet(out, arrow.replace_schema_metadata(meta))
     return PartCopy(
         source_url=url,
         url=out,
@@ -81,4 +94,20 @@ def copy_part(
         source_rows=table.height if limit is None else None,
         unique_urls=table["url"].n_unique(),
         bytes_written=storage.size(out),
+        fingerprint=fingerprint,
     )
+
+
+def _size(url: str) -> int | None:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(fs.size(path))
+    except Exception:  # a source that cannot say (an HTTP server without Content-Length)
+        return None
+
+
+def source_fingerprint(storage: Storage, metadata_url: str) -> dict[str, Any] | None:
+    """The source part's fingerprint recorded in its copy (None: copied by an older version)."""
+    _, pairs = storage.parquet_metadata(metadata_url)
+    value = pairs.get(provenance.SOURCE_KEY)
+    return json.loads(value) if value else None

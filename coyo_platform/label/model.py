@@ -2,7 +2,8 @@
 
 :class:`DeviceInputs` puts a batch on the device (a copy on a side CUDA stream, or JPEG bytes
 decoded and resized there); :class:`ModelStep` normalizes it, runs the model (bf16 autocast,
-channels_last) and selects the top 50 of the 21,841 card classes. ``launch`` queues a batch and
+channels_last) and selects the top 50 of the 21,841 card classes. Every batch is padded to the
+batch size, so every image goes through the same kernels. ``launch`` queues a batch and
 returns at once on CUDA; ``collect`` waits for that batch's labels. Imports no ``dagster``.
 """
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from coyo_platform.common.formats import TOP_K
 from coyo_platform.common.labelspace import goog_to_fall11
+from coyo_platform.label import labeler
 from coyo_platform.label.samples import build_transform
 from coyo_platform.label.settings import LabelSettings
 from coyo_platform.label.weights import load_model
@@ -97,7 +99,7 @@ class ModelStep:
     (on CUDA), ``collect`` waits for that batch's top 50."""
 
     def __init__(self, settings: LabelSettings, device: torch.device) -> None:
-        model, self.config = load_model(settings)
+        model, self.config, self.weights_sha256 = load_model(settings)
         self.device = device
         self.dtype = settings.autocast_dtype(device)
         self.batch_size = settings.resolved_batch_size(device)
@@ -121,10 +123,17 @@ class ModelStep:
     def precision(self) -> str:
         return "bf16 autocast" if self.dtype else "fp32"
 
+    def fingerprint(self, settings: LabelSettings) -> dict[str, Any]:
+        """This labeler's fingerprint (``labeler.py``), as resolved on this device."""
+        precision = "bf16" if self.dtype else "fp32"
+        return labeler.fingerprint(
+            settings.model, self.weights_sha256, self.config, self.activation, precision
+        )
+
     def _normalized(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         n = len(inputs)
         x = self.inputs(inputs)
-        if self.compiled and n < self.batch_size:  # one static shape: pad the last batch
+        if n < self.batch_size:  # one shape (compiled or not, the same kernels): pad the batch
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         x = x.float().sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=self.memory_format) if self.memory_format else x

@@ -13,8 +13,11 @@ resize (``samples.py``), handing over uint8 tensors in pinned memory; the model 
 only after the next batch has been queued, so the device never waits for Python. Finished shards
 are written by a writer thread (``writer.py``). Memory holds only the shards in flight.
 
-Resumable: one parquet per shard, written whole or not at all; a shard whose parquet exists is
-skipped, so a killed run, rerun, finishes only what is missing. A broken image is a row with its
+Resumable: one parquet per shard, written whole or not at all; a shard whose parquet exists in
+this labeler's set (``labeler.py``: same weights, preprocessing, activation, precision, versions)
+is skipped, so a killed run, rerun, finishes only what is missing, and writes the same bytes as an
+uninterrupted run: batches never span shards and are padded to one size. Another labeler writes a
+set of its own and never touches this one. A broken image is a row with its
 ``error``; an unreadable tar writes nothing and is named in the run's failure.
 """
 
@@ -30,12 +33,13 @@ from typing import Any
 
 import torch
 
-from coyo_platform.common import layout, shards
-from coyo_platform.common.reporting import path, table
+from coyo_platform.common import layout, provenance, shards
+from coyo_platform.common.reporting import json_value, path, table
 from coyo_platform.common.storage import Storage
 from coyo_platform.common.tables import counts
+from coyo_platform.label import labeler
 from coyo_platform.label.model import Launched, ModelStep
-from coyo_platform.label.samples import ShardSamples, collate
+from coyo_platform.label.samples import ShardSamples, batches
 from coyo_platform.label.settings import LabelSettings
 from coyo_platform.label.writer import ShardWriter
 
@@ -63,6 +67,9 @@ class LabelSummary:
     peak_rss_mb: float = 0.0
     """Peak resident memory of the labeling process (loader processes not included)."""
     peak_device_memory_mb: float | None = None
+    labeler: str = ""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -71,10 +78,19 @@ class LabelSummary:
             return self.steady_images / self.steady_seconds
         return self.labeled / self.seconds if self.seconds > 0 else 0.0
 
-    def metadata(self, settings: LabelSettings, output: str) -> dict[str, Any]:
+    def data_version(self) -> str:
+        """What downstream depends on: the labeler and the shards labeled in its set."""
+        return provenance.digest(
+            [self.labeler, sorted(shards.labeled(Storage(self.folder), self.folder))]
+        )
+
+    def metadata(self, settings: LabelSettings) -> dict[str, Any]:
         """The materialization's metadata (Pipes' raw form)."""
         device = settings.resolved_device()
         return {
+            "labeler": self.labeler,
+            "weights_sha256": self.fingerprint.get("weights_sha256", ""),
+            "labeler_fingerprint": json_value(self.fingerprint),
             "images_labeled": self.labeled,
             "images_failed": self.failed,
             "failed_by_reason": table(counts(dict(self.failed_by_reason), "reason", "images")),
@@ -92,11 +108,11 @@ class LabelSummary:
             "image_size": settings.image_size or "model's test size",
             "interpolation": settings.interpolation or "model's",
             "device": str(device),
-            "precision": "bf16 autocast" if settings.autocast_dtype(device) else "fp32",
+            "precision": self.fingerprint.get("precision", ""),
             "batch_size": settings.resolved_batch_size(device),
             "compiled": settings.compile,
             "decode_on_device": settings.decode_on_device,
-            "path": path(output),
+            "path": path(self.folder),
         }
 
 
@@ -190,34 +206,83 @@ def _run_batches(model: ModelStep, loader, labeling: Labeling) -> None:
             collect(*in_flight)
 
 
+def _label_set(labels_root: Storage, labeled: str, fingerprint: dict[str, Any], part: str):
+    """The label set's record (written once: its id is its fingerprint's digest) and the
+    partition's folder in it, checked against the downloads it was labeled from."""
+    record = layout.labeler_record(labels_root.root, labeled)
+    if not labels_root.exists(record):
+        labels_root.write_json(record, {"labeler": labeled, **fingerprint})
+    return Storage(layout.labels_in(labels_root.root, part, labeled))
+
+
+def _check_downloads(source: Storage, out: Storage, part: str) -> str | None:
+    """The downloads' fingerprint digest, recorded with the labels on first use; labels made
+    from other downloads (a part downloaded again from another source) are not reused."""
+    downloads = source.read_json_if_exists(f"{source.root}/{layout.FINGERPRINT}")
+    made_from = provenance.digest(provenance.compared(downloads)) if downloads else None
+    record = f"{out.root}/{DOWNLOADS_RECORD}"
+    recorded = out.read_json_if_exists(record)
+    if recorded is None:
+        if made_from is not None or not shards.labeled(out, out.root):
+            out.write_json(record, {"downloads": made_from})
+        return made_from
+    provenance.check(
+        recorded, {"downloads": made_from}, f"the labels in {out.root}",
+        provenance.start_over_command(out.root.rsplit("/", 3)[0], part, layout.DOWNLOADS),
+    )  # fmt: skip
+    return made_from
+
+
+#: Beside a partition's labels: the digest of the downloads' fingerprint they were made from.
+DOWNLOADS_RECORD = "_downloads.json"
+
+
 def label_shards(
     shards_dir: str,
-    output_dir: str,
+    labels_root: str,
     settings: LabelSettings,
     log: logging.Logger | None = None,
+    part: str | None = None,
 ) -> LabelSummary:
-    """Label every ``*.tar`` under ``shards_dir`` that has no parquet under ``output_dir`` yet."""
+    """Label every finished ``*.tar`` under ``shards_dir`` that has no parquet in this
+    labeler's set yet, ``<labels_root>/<labeler id>/<part>/`` (``part``: the shards folder's
+    name); then make that set the partition's current one
+    (``<labels_root>/_current/<part>.json``)."""
     log = log or logging.getLogger(__name__)
     began = time.monotonic()
-    source, out = Storage(shards_dir), Storage(output_dir)
-    todo, skipped = shards_to_label(source, out, log)
-    summary = LabelSummary(shards_skipped=skipped)
-    log.info(f"{len(todo) + skipped} shards, {skipped} already labeled")
-    if not todo:
-        return summary
-
+    source, root = Storage(shards_dir), Storage(labels_root)
+    part = part or source.root.rstrip("/").rsplit("/", 1)[-1]
+    if not shards.tars(source, source.root):
+        raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
     device = settings.resolved_device()
     model = ModelStep(settings, device)
+    fingerprint = model.fingerprint(settings)
+    labeled = labeler.labeler_id(fingerprint)
+    out = _label_set(root, labeled, fingerprint, part)
+    _check_downloads(source, out, part)
+    todo, skipped = shards_to_label(source, out, log)
+    summary = LabelSummary(shards_skipped=skipped, labeler=labeled, fingerprint=fingerprint)
+    summary.folder = out.root
+    log.info(f"labeler {labeled}: {len(todo) + skipped} shards, {skipped} already labeled")
+    if todo:
+        _label(todo, out, settings, model, summary, log, began)
+    if not summary.unreadable_shards:
+        shards.set_current_labels(root, part, {"labeler": labeled, "shards": len(todo) + skipped})
+    return summary
+
+
+def _label(todo, out, settings, model, summary, log, began) -> None:
+    device = model.device
     workers = min(settings.workers, len(todo))
     log.info(
         f"model {settings.model} on {device} ({model.precision}, batch {model.batch_size}, "
         f"{workers} loader processes, input {model.config})"
     )
     loader = torch.utils.data.DataLoader(
-        ShardSamples(todo, model.config, settings.decode_on_device),
-        batch_size=model.batch_size,
+        ShardSamples(todo, model.config, settings.decode_on_device, model.batch_size),
+        batch_size=None,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=batches,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
@@ -239,4 +304,3 @@ def label_shards(
     summary.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         summary.peak_device_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    return summary

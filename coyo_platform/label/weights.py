@@ -4,12 +4,14 @@ never as pickled code. Imports no ``dagster``."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import torch
 
 from coyo_platform.common.labelspace import NUM_MODEL_OUTPUTS
+from coyo_platform.common.provenance import file_digest
 from coyo_platform.common.storage import is_local, local_path
 from coyo_platform.label.settings import DEFAULT_MODEL, LabelSettings, check_model_name
 
@@ -104,10 +106,22 @@ def _classifier_outputs(
     return None
 
 
-def _from_checkpoint(settings: LabelSettings) -> torch.nn.Module:
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's weights (names, dtypes, shapes and bytes, in state_dict order): the
+    content digest of hub weights, whose file this process does not see."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _from_checkpoint(settings: LabelSettings) -> tuple[torch.nn.Module, str]:
     import timm
 
     checkpoint = local_checkpoint(settings.checkpoint, settings.cache)
+    digest = file_digest(checkpoint)
     state_dict = read_weights(checkpoint, settings.checkpoint)
     model = timm.create_model(settings.model, pretrained=False, num_classes=NUM_MODEL_OUTPUTS)
     fit = (
@@ -124,11 +138,13 @@ def _from_checkpoint(settings: LabelSettings) -> torch.nn.Module:
         model.load_state_dict(state_dict)  # strict, as timm's checkpoint_path loading is
     except RuntimeError as exc:
         raise ValueError(f"{fit}: {_first_lines(exc)}") from exc
-    return model
+    return model, digest
 
 
-def load_model(settings: LabelSettings) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model in eval mode and its data config (with the settings' overrides applied).
+def load_model(settings: LabelSettings) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """The model in eval mode, its data config (with the settings' overrides applied), and the
+    weights' content digest: the checkpoint file's sha256 (the same file under another path or
+    URL has the same one), or, for the hub's pretrained weights, :func:`weights_digest`.
 
     A checkpoint is read as plain weights only (:func:`read_weights`: no pickled code runs) and
     must have the 21,843 outputs labeling needs; either problem is a ``ValueError`` naming the file.
@@ -138,9 +154,10 @@ def load_model(settings: LabelSettings) -> tuple[torch.nn.Module, dict[str, Any]
 
     check_model_name(settings.model)
     if settings.checkpoint:
-        model = _from_checkpoint(settings)
+        model, digest = _from_checkpoint(settings)
     else:
         model = timm.create_model(settings.model, pretrained=True)
+        digest = weights_digest(model)
     if model.num_classes != NUM_MODEL_OUTPUTS:
         raise ValueError(
             f"model {settings.model} has {model.num_classes} outputs; labeling needs "
@@ -156,4 +173,4 @@ def load_model(settings: LabelSettings) -> tuple[torch.nn.Module, dict[str, Any]
     if settings.std:
         config["std"] = tuple(settings.std)
     config["crop_pct"], config["crop_mode"] = 1.0, "squash"
-    return model.eval(), config
+    return model.eval(), config, digest

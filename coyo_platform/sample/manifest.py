@@ -1,8 +1,10 @@
-"""The subset's manifest: every part file with its row count, size and the plan it was written
-under, so a consumer can check they have all of it (``coyo_labeled_300m/_manifest.json``).
+"""The subset's manifest: every part file with its row count, size, the plan it was written
+under and its provenance (the source part's digest, the labeler and its weights' digest), so a
+consumer can check they have all of it, made one way (``coyo_labeled_300m/_manifest.json``).
 
 Row counts come from each file's parquet footer (no data read). A part is *current* when it was
 written under the current plan's digest and, where the plan counted its rows, has that many rows.
+Parts labeled by different labelers are a problem too: a subset never mixes them.
 Imports no ``dagster``.
 """
 
@@ -11,12 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from coyo_platform.common import layout
 from coyo_platform.common.storage import Storage
+from coyo_platform.ingest.metadata import source_fingerprint
 from coyo_platform.sample.plan import Plan
-from coyo_platform.sample.subset import PLAN_DIGEST_KEY
+from coyo_platform.sample.subset import LABELER_KEY, PLAN_DIGEST_KEY
 
 
 @dataclass
@@ -26,6 +27,10 @@ class ManifestPart:
     rows: int
     bytes: int
     plan_digest: str
+    labeler: str
+    weights_sha256: str | None
+    source_sha256: str | None  # the digest of the source part's ids and URLs
+    source: str | None  # where the source part was read
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Manifest:
     threshold: float
     sampling: dict[str, Any]
     parts: list[ManifestPart] = field(default_factory=list)
+    labelers: list[str] = field(default_factory=list)
     rows_planned: int | None = None
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -52,18 +58,33 @@ class Manifest:
         }
 
 
-def _part(store: Storage, key: str, url: str) -> ManifestPart:
-    with store.fs.open(url, "rb") as fh:
-        meta = pq.ParquetFile(fh).metadata
-    written_under = (meta.metadata or {}).get(PLAN_DIGEST_KEY.encode(), b"").decode()
-    return ManifestPart(key, url, meta.num_rows, store.size(url), written_under)
+def _part(store: Storage, key: str, url: str, weights: dict[str, str | None]) -> ManifestPart:
+    rows, pairs = store.parquet_metadata(url)
+    labeler = pairs.get(LABELER_KEY, "")
+    if labeler and labeler not in weights:
+        record = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
+        weights[labeler] = (record or {}).get("weights_sha256")
+    metadata = layout.metadata(store, key)
+    source = source_fingerprint(store, metadata) if store.exists(metadata) else None
+    return ManifestPart(
+        partition=key,
+        path=url,
+        rows=rows,
+        bytes=store.size(url),
+        plan_digest=pairs.get(PLAN_DIGEST_KEY, ""),
+        labeler=labeler,
+        weights_sha256=weights.get(labeler),
+        source_sha256=(source or {}).get("ids_and_urls_sha256"),
+        source=(source or {}).get("location"),
+    )
 
 
 def build_manifest(store: Storage, plan: Plan) -> Manifest:
     planned = None if plan.default else plan.rows
     manifest = Manifest(plan.digest, plan.threshold, asdict(plan.sampling), rows_planned=planned)
+    weights: dict[str, str | None] = {}
     for key, url in layout.subset_files(store).items():
-        part = _part(store, key, url)
+        part = _part(store, key, url, weights)
         manifest.parts.append(part)
         expected = plan.rows_per_partition.get(part.partition)
         if part.plan_digest != plan.digest:
@@ -75,6 +96,12 @@ def build_manifest(store: Storage, plan: Plan) -> Manifest:
             manifest.problems.append(
                 f"{part.partition}: {part.rows:,} rows, the plan counted {expected:,}"
             )
+    manifest.labelers = sorted({p.labeler for p in manifest.parts})
+    if len(manifest.labelers) > 1:
+        manifest.problems.append(
+            f"the parts were labeled by {len(manifest.labelers)} labelers "
+            f"({', '.join(manifest.labelers)}): relabel them with one"
+        )
     present = {p.partition for p in manifest.parts}
     manifest.missing = sorted(set(plan.partitions) - present)
     manifest.problems += [f"{key}: planned, no subset file" for key in manifest.missing]

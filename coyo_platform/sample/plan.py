@@ -31,7 +31,7 @@ from coyo_platform.sample.rules import (
 )
 from coyo_platform.stats.aggregate import FINE_BINS, Aggregate, bin_of, merge_aggregates
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the labelers
 
 
 class PlanMismatch(ValueError):
@@ -40,6 +40,10 @@ class PlanMismatch(ValueError):
 
 class NoStats(ValueError):
     """No partition has label stats to plan over."""
+
+
+class MixedLabelers(ValueError):
+    """The partitions' label stats come from different labelers: a subset never mixes them."""
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Plan:
     classes_capped: int = 0
     rows: int = 0
     rows_per_partition: dict[str, int] = field(default_factory=dict)
+    labelers: dict[str, str] = field(default_factory=dict)
+    """The labeler whose labels each partition's stats counted."""
     folder: str | None = None
     duplicates_glob: str | None = None
     class_cutoffs: str | None = None
@@ -183,6 +189,26 @@ def _target_threshold(
     return threshold
 
 
+def _one_labeler(stats: dict[str, Aggregate]) -> dict[str, str]:
+    """Each partition's labeler, all the same one; else :class:`MixedLabelers`."""
+    labelers = {k: agg.labelers[0] if agg.labelers else "?" for k, agg in stats.items()}
+    by_labeler: dict[str, list[str]] = {}
+    for key, labeler in sorted(labelers.items()):
+        by_labeler.setdefault(labeler, []).append(key)
+    if len(by_labeler) > 1:
+        listed = "; ".join(
+            f"{labeler}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for labeler, keys in sorted(by_labeler.items(), key=lambda kv: -len(kv[1]))
+        )
+        raise MixedLabelers(
+            f"the partitions' labels come from {len(by_labeler)} labelers ({listed}); a subset "
+            "never mixes labelers: label the other partitions with the same settings "
+            "(coyo-platform run --parts ... with the same --model/--checkpoint/--preset/"
+            "--precision), then materialize subset_plan again"
+        )
+    return labelers
+
+
 def make_plan(
     store: Storage, keys: Sequence[str], sampling: Sampling, log: Callable[[str], Any] = print
 ) -> Plan:
@@ -190,9 +216,9 @@ def make_plan(
     files under a fresh folder of ``<root>/subset_plan/``; returns the plan (not yet written)."""
     if not keys:
         raise ValueError("no partition has label stats yet: materialize label_stats first")
-    merged = merge_aggregates(
-        Aggregate.from_json(store.read_json(layout.stats(store, k))) for k in keys
-    )
+    stats = {k: Aggregate.from_json(store.read_json(layout.stats(store, k))) for k in keys}
+    labelers = _one_labeler(stats)
+    merged = merge_aggregates(stats.values())
     folder = layout.plan_folder(store, uuid.uuid4().hex[:12])
     eligible = _Eligible([(k, store.scan_parquet(layout.index(store, k))) for k in keys])
     if sampling.dedup:
@@ -211,6 +237,7 @@ def make_plan(
     decided = _decision_digest(
         sampling, threshold, eligible.duplicates_digest, eligible.cutoffs_digest
     )
+    decided["labelers"] = sorted(set(labelers.values()))
     if sampling.is_global:
         decided["partitions"] = sorted(keys)
     return Plan(
@@ -226,6 +253,7 @@ def make_plan(
         classes_capped=0 if eligible.cutoffs is None else eligible.cutoffs.height,
         rows=sum(rows.values()),
         rows_per_partition=rows,
+        labelers=labelers,
         folder=folder,
         duplicates_glob=eligible.duplicates_glob,
         class_cutoffs=eligible.cutoffs_url,

@@ -20,8 +20,10 @@ from coyo_platform.common.storage import Storage
 from coyo_platform.sample.plan import Plan, partition_filters
 from coyo_platform.sample.rules import above, apply_caps, check_threshold
 
-#: The plan's digest in each subset file's parquet metadata (the manifest reads it back).
+#: The plan's digest and the labeler in each subset file's parquet metadata (the manifest reads
+#: them back).
 PLAN_DIGEST_KEY = "coyo.plan_digest"
+LABELER_KEY = "coyo.labeler"
 
 
 def build_subset(
@@ -73,6 +75,7 @@ class StaleLabels(ValueError):
 
 @dataclass
 class SubsetPart:
+    labeler: str | None
     url: str
     rows: int
     labeled: int
@@ -89,7 +92,14 @@ def write_subset(store: Storage, plan: Plan, key: str) -> SubsetPart:
         StaleLabels: a global plan that counted other rows than the labels now give.
     """
     duplicates, cutoffs = partition_filters(store, plan, key)
-    files = shards.label_files(store, key)
+    labeler = shards.current_labeler(store, key)
+    planned = plan.labelers.get(key)
+    if planned is not None and planned != labeler:
+        raise StaleLabels(
+            f"{key}: the plan was made from the labels of {planned}, but the partition's current "
+            f"labels are {labeler}'s: materialize label_stats for it, then subset_plan"
+        )
+    files = shards.label_files(store, key, labeler) if labeler else []
     if files:
         metadata = store.scan_parquet(layout.metadata(store, key))
         table, labeled = build_subset(
@@ -106,11 +116,15 @@ def write_subset(store: Storage, plan: Plan, key: str) -> SubsetPart:
         )
     url = layout.subset(store, key)
     table = table.replace_schema_metadata(
-        {PLAN_DIGEST_KEY: plan.digest, "coyo.threshold": repr(plan.threshold)}
+        {
+            PLAN_DIGEST_KEY: plan.digest,
+            LABELER_KEY: labeler or "",
+            "coyo.threshold": repr(plan.threshold),
+        }
     )
     store.remove_stale_temp(url)  # what a run killed while writing this file left
     store.write_parquet(url, table)
     preview = pl.from_arrow(table.slice(0, 5)).with_columns(
         pl.col("labels").list.head(3), pl.col("label_probs").list.head(3)
     )
-    return SubsetPart(url, table.num_rows, labeled, expected, preview)
+    return SubsetPart(labeler, url, table.num_rows, labeled, expected, preview)

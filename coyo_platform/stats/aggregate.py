@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,7 +44,7 @@ FINE_BINS = 1 << 14
 #: Label files read per chunk: 24 img2dataset shards of 10,000 images, ~240k rows (the whole
 #: stats pass peaked at about 1 GB RSS per 5M-row partition in benchmarks/stats.py).
 CHUNK_FILES = 24
-VERSION = 2
+VERSION = 3  # 3: the labelers the stats were computed from
 
 
 def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -134,6 +134,7 @@ class Aggregate:
     top1_counts: dict[str, int]
     top1_histogram: list[int]  # HISTOGRAM_BINS bins
     top1_fine: dict[str, int]  # FINE_BINS bins, the empty ones left out
+    labelers: list[str] = field(default_factory=list)  # the label sets counted (labeler ids)
     version: int = VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -331,4 +332,5 @@ def merge_aggregates(aggregates: Iterable[Aggregate]) -> Aggregate:
             sum(col) for col in zip(*(a.top1_histogram for a in aggregates), strict=True)
         ],
         top1_fine=_sum_counts(a.top1_fine for a in aggregates),
+        labelers=sorted({labeler for a in aggregates for labeler in a.labelers}),
     )

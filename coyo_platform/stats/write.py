@@ -51,12 +51,15 @@ def _with_chart(store: Storage, agg: Aggregate, url: str) -> Written:
 
 
 def write_partition_stats(store: Storage, key: str, settings: StatsSettings) -> Written:
-    files = shards.label_files(store, key)
+    """The stats of the partition's current label set (``shards.current_labeler``)."""
+    labeler = shards.current_labeler(store, key)
+    files = shards.label_files(store, key, labeler) if labeler else []
     if not files:
         raise FileNotFoundError(
-            f"no labeled shards for {key} in {layout.labels(store, key)}: label them first"
+            f"no labeled shards for {key} under {layout.label_sets(store)}: label them first"
         )
     agg, index = aggregate_files(store.scan_parquet, files, settings.thresholds)
+    agg.labelers = [labeler]
     store.write_parquet(layout.index(store, key), index)  # before the JSON: a plan reads both
     url = layout.stats(store, key)
     store.write_json(url, agg.to_json())

@@ -1,0 +1,93 @@
+"""A partition's download fingerprint (``downloaded_shards/<part>/_fingerprint.json``): the
+source part it was downloaded from and the download settings that change the bytes. Finished
+shards are reused only under the same fingerprint; anything else fails at once, naming the field,
+its old and new value and the command that starts the partition over. Imports no ``dagster``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from coyo_platform.common import layout, provenance, shards
+from coyo_platform.common.storage import Storage
+from coyo_platform.download.settings import DownloadSettings
+from coyo_platform.ingest.metadata import source_fingerprint
+
+#: The settings that change what a shard holds (its rows, images, statuses); the others (threads,
+#: timeouts, retries, processes, networks allowed) change how fast or how often, not what.
+OUTPUT_SETTINGS = (
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "skip_reencode",
+    "min_image_size",
+    "max_aspect_ratio",
+    "number_sample_per_shard",
+    "max_bytes",
+    "max_pixels",
+    "drift_distance",
+    "drop_drifted",
+)
+#: The source fields compared: the content (a part moved to another bucket is the same part).
+SOURCE_FIELDS = ("rows", "ids_and_urls_sha256")
+
+
+def record_url(folder: str) -> str:
+    return f"{folder.rstrip('/')}/{layout.FINGERPRINT}"
+
+
+def current(metadata_url: str, settings: DownloadSettings) -> dict[str, Any]:
+    """The fingerprint a download of ``metadata_url`` with ``settings`` has."""
+    source = source_fingerprint(Storage(metadata_url.rsplit("/", 1)[0]), metadata_url) or {}
+    return {
+        "source": {name: source.get(name) for name in SOURCE_FIELDS},
+        "source_location": source.get("location"),
+        "settings": current_settings(settings),
+    }
+
+
+def current_settings(settings: DownloadSettings) -> dict[str, Any]:
+    """The settings of :data:`OUTPUT_SETTINGS`, as recorded."""
+    values = asdict(settings)
+    return {
+        name: list(v) if isinstance(v, tuple) else v
+        for name, v in values.items()
+        if name in OUTPUT_SETTINGS
+    }
+
+
+def start_over(folder: str) -> str:
+    parent, _, key = folder.rstrip("/").rpartition("/")
+    root, _, stage = parent.rpartition("/")
+    if stage == layout.DOWNLOADS and root:
+        return provenance.start_over_command(root, key, layout.DOWNLOADS)
+    return f"delete {folder} and rerun"
+
+
+def check_folder(store: Storage, folder: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """Raise :class:`provenance.Mismatch` unless ``folder``'s shards were made as ``wanted``
+    says; returns the recorded fingerprint (None: a folder with no shards and no record yet)."""
+    recorded = store.read_json_if_exists(record_url(folder))
+    if recorded is None:
+        if shards.finished(store, folder):
+            raise provenance.Mismatch(
+                f"{folder}", "fingerprint", "none (shards from an older version or another "
+                "tool)", "this run's", start_over(folder)
+            )  # fmt: skip
+        return None
+    what = f"the downloaded shards in {folder}"
+    old, new = provenance.compared(recorded), provenance.compared(wanted)
+    provenance.check(old, new, what, start_over(folder))
+    return recorded
+
+
+def check_or_record(store: Storage, folder: str, wanted: dict[str, Any]) -> None:
+    """Before a download: check the folder's fingerprint, or record it in a new folder."""
+    if check_folder(store, folder, wanted) is None:
+        store.write_json(record_url(folder), wanted)
+
+
+def data_version(store: Storage, folder: str) -> str:
+    """What downstream depends on: the fingerprint and the finished shards."""
+    recorded = store.read_json_if_exists(record_url(folder)) or {}
+    return provenance.digest([provenance.compared(recorded), shards.finished(store, folder)])
