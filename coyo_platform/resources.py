@@ -77,7 +77,8 @@ class ComputeResource(dg.ConfigurableResource):
         ]
         if failures:
             raise dg.Failure(description=f"{program}: {failures[0]}", allow_retries=False)
-        return run.get_materialize_result()
+        # no implicit materialization: a program that ended without reporting one failed
+        return run.get_materialize_result(implicit_materialization=False)
 
 
 class LocalCompute(ComputeResource):

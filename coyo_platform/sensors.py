@@ -4,12 +4,11 @@ without labels get labeled, by whoever wrote them. What they read is ``ingest.so
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import dagster as dg
 
-from coyo_platform.common.shards import downloaded_partitions, unlabeled
+from coyo_platform.common.shards import downloaded_partitions, labeling_todo
 from coyo_platform.ingest.sources import list_parts
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
@@ -70,8 +69,11 @@ def unlabeled_shards_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     """Finds finished shards without labels in the storage root, including shards img2dataset
     wrote outside Dagster, and requests a labeling run for exactly those partitions (registering
-    a partition it did not know). The run key names the missing shards, so a repeat tick is a
-    no-op, and shards that land later get a run of their own. A partition with a run in progress
+    a partition it did not know), with the settings of the partition's current label set (so new
+    shards join the set the partition's other shards are in; a partition never labeled gets the
+    defaults). The run key names the missing shards, the downloads and the labeler, so a repeat
+    tick is a no-op, and shards that land later (or a part downloaded again) get a run of their
+    own. A partition with a run in progress
     waits for the next tick. A labeling run that failed (after its retries) is not requested again
     for the same shards, so bad input cannot loop: fix the cause, then re-execute that run or
     materialize the partition from the UI."""
@@ -79,8 +81,8 @@ def unlabeled_shards_sensor(
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
     for key in downloaded_partitions(store):
-        missing = unlabeled(store, key)
-        if not missing:
+        todo = labeling_todo(store, key)
+        if not todo.missing:
             continue
         busy = context.instance.get_runs(
             filters=dg.RunsFilter(tags={"dagster/partition": key}, statuses=_ACTIVE), limit=1
@@ -90,12 +92,13 @@ def unlabeled_shards_sensor(
             continue
         if key not in registered:
             unknown.append(key)
-        digest = hashlib.sha256(",".join(missing).encode()).hexdigest()[:16]
+        config = {"ops": {"labeled_shards": {"config": todo.settings}}} if todo.settings else None
         requests.append(
             dg.RunRequest(
                 partition_key=key,
-                run_key=f"label:{key}:{digest}",
-                tags={"coyo/unlabeled_shards": str(len(missing))},
+                run_key=f"label:{key}:{todo.run_key}",
+                run_config=config,
+                tags={"coyo/unlabeled_shards": str(len(todo.missing))},
             )
         )
     if not requests:

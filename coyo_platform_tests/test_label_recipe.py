@@ -232,3 +232,19 @@ def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path
         rows = pl.read_parquet(Path(summary.folder) / "00000.parquet").sort("key")
         assert rows["id"].to_list() == [1, 2, None, None]
         assert rows["labels"].list.len().to_list() == [50, 50, None, None]
+
+
+def test_weights_digest_covers_every_tensor_of_a_batchnorm_model():
+    """Hub weights are identified by their content: every tensor, 0-dim BatchNorm counters
+    included; one changed value changes the digest."""
+    import timm
+
+    from coyo_platform.label.weights import weights_digest
+
+    model = timm.create_model(demo.DEMO_MODEL, num_classes=10)
+    assert any(t.dim() == 0 for t in model.state_dict().values())  # num_batches_tracked
+    first = weights_digest(model)
+    assert weights_digest(model) == first and len(first) == 64
+    with torch.no_grad():
+        next(iter(model.parameters())).view(-1)[0] += 1e-3
+    assert weights_digest(model) != first

@@ -241,6 +241,7 @@ def test_each_download_mismatch_names_its_field(tmp_path: Path, name: str):
         "settings": {n: asdict(settings)[n] for n in fingerprint.OUTPUT_SETTINGS},
     }
     store.write_json(fingerprint.record_url(folder), recorded)
+    Path(folder, "00000_stats.json").write_text("{}")  # a finished shard: something to reuse
     old = getattr(settings, name)
     changed = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5}
     new = "center_crop" if isinstance(old, str) else changed[type(old)](old)
@@ -279,7 +280,7 @@ def test_labels_made_from_other_downloads_are_not_reused(site, tmp_path: Path):
     assert "Traceback" not in again.stderr
     line = again.stderr.strip().splitlines()[-1]  # after the program's progress lines
     assert line.startswith("error: the labels in ") and "downloads=" in line
-    assert "--from downloaded_shards" in line
+    assert line.endswith("--parts part-00000 --from labeled_shards")  # the labels, not the shards
 
 
 def test_label_agreement_of_two_label_sets(cli_run, site, tmp_path):
@@ -316,3 +317,42 @@ def test_label_agreement_of_two_label_sets(cli_run, site, tmp_path):
     assert total["top1_prob_mean_abs_diff"] == pytest.approx(diff, abs=1e-6)
     assert [p["partition"] for p in result["partitions"]] == list(PARTS)
     assert "label_agreement" in compared.stdout and "top1_agreement=" in compared.stdout
+
+
+@pytest.mark.parametrize("key", ["", "..", "part-00000/..", "*"])
+def test_clear_refuses_what_is_not_a_partition_key(tmp_path: Path, key: str):
+    store = Storage(str(tmp_path))
+    (tmp_path / "downloaded_shards" / "part-00000").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a partition key"):
+        shards.clear_partition(store, key, "downloaded_shards")
+    assert (tmp_path / "downloaded_shards" / "part-00000").exists()
+
+
+def test_a_download_stopped_before_its_first_shard_may_rerun_with_other_settings(tmp_path):
+    """No finished shard: nothing to reuse, so nothing to refuse; the new run's fingerprint
+    (with a new ``made`` id) replaces the old one."""
+    store = Storage(str(tmp_path))
+    folder = layout.shards(store, "part-00000")
+    old = {"source": {"rows": 3}, "settings": {"image_size": 512}}
+    fingerprint.check_or_record(store, folder, old)
+    first = store.read_json(fingerprint.record_url(folder))
+    new = {"source": {"rows": 3}, "settings": {"image_size": 384}}
+    fingerprint.check_or_record(store, folder, new)
+    second = store.read_json(fingerprint.record_url(folder))
+    assert second["settings"] == {"image_size": 384} and second["made"] != first["made"]
+    Path(folder, "00000_stats.json").write_text("{}")  # now a shard is finished
+    with pytest.raises(provenance.Mismatch, match="settings.image_size=384"):
+        fingerprint.check_or_record(store, folder, old)
+
+
+def test_only_bad_input_is_final_in_a_program(capsys):
+    """From a shell, bad input ends the program with one ``error:`` line and status 2; any other
+    error (a network outage, the hub unreachable) is raised as it is, for a retry."""
+    from coyo_platform.common.reporting import open_reporter
+
+    with pytest.raises(SystemExit) as ended, open_reporter():
+        raise provenance.MissingInput("no shards (*.tar) under /x: download them first")
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == "error: no shards (*.tar) under /x: download them first\n"
+    with pytest.raises(FileNotFoundError, match="hub"), open_reporter():
+        raise FileNotFoundError("the hub is unreachable and the file is not cached")

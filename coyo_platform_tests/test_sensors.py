@@ -21,7 +21,7 @@ from coyo_platform.sensors import (
     coyo_parts_sensor,
     unlabeled_shards_sensor,
 )
-from coyo_platform_tests.conftest import fast_run_config, hand_label_folder, write_tar
+from coyo_platform_tests.conftest import HAND_LABELER, fast_run_config, hand_label_folder, write_tar
 
 
 @pytest.fixture
@@ -230,3 +230,32 @@ def test_tick_run_labels_then_stats_and_subset_follow(site, source: Path, tmp_pa
             defs=defs, instance=instance, cursor=later.cursor
         )  # a new plan rewrites the subset of every partition that has labels
         assert after_plan.get_requested_partitions(dg.AssetKey("coyo_labeled_300m")) == {part}
+
+
+def test_new_shards_are_labeled_with_the_partitions_current_labeler(
+    tmp_path: Path, instance, photo
+):
+    """A partition labeled with other settings than the defaults (another checkpoint, say): new
+    shards are requested with those settings, so they join its current label set instead of
+    relabeling the part with the defaults."""
+    from coyo_platform.common import layout
+
+    _shard(tmp_path, "part-00000", "00000", photo)
+    _labels(tmp_path, "part-00000", "00000")
+    store = Storage(str(tmp_path))
+    record = layout.labeler_record(layout.label_sets(store), HAND_LABELER)
+    chosen = {"model": "test_efficientnet", "checkpoint": "/weights/other.pth", "preset": "timm"}
+    store.write_json(record, {**store.read_json(record), "settings": chosen})
+    _shard(tmp_path, "part-00000", "00001", photo)
+    storage = StorageResource(root=str(tmp_path))
+    [request] = _tick(unlabeled_shards_sensor, instance, storage=storage)[0].run_requests
+    assert request.run_config == {"ops": {"labeled_shards": {"config": chosen}}}
+
+    # the part downloaded again (a new download, same missing shards): a new run key, so the
+    # sensor does not take it for the run it already requested
+    folder = tmp_path / "downloaded_shards" / "part-00000"
+    (folder / "_fingerprint.json").write_text(json.dumps({"made": "a"}))
+    first = _tick(unlabeled_shards_sensor, instance, storage=storage)[0].run_requests[0].run_key
+    (folder / "_fingerprint.json").write_text(json.dumps({"made": "b"}))
+    again = _tick(unlabeled_shards_sensor, instance, storage=storage)[0].run_requests[0].run_key
+    assert first != again

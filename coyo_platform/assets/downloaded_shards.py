@@ -40,7 +40,7 @@ def downloaded_shards(
     store, key = storage.store(), context.partition_key
     metadata, folder = layout.metadata(store, key), layout.shards(store, key)
     try:  # here, before a program or a task starts: a mismatch is not retried
-        fingerprint.check_folder(store, folder, fingerprint.current(metadata, settings))
+        fingerprint.check_folder(store, folder, fingerprint.current(store, metadata, settings))
     except provenance.Mismatch as err:
         raise bad_input(f"downloaded_shards[{key}]: {err}") from err
     args = ["--metadata", metadata, "--output", folder]

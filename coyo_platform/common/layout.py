@@ -88,6 +88,11 @@ def labelers(store: Storage) -> list[str]:
     return sorted(f.rstrip("/").rsplit("/", 2)[-2] for f in found)
 
 
+def download_record(folder: str) -> str:
+    """A downloaded-shards folder's fingerprint (``download/fingerprint.py``)."""
+    return f"{folder.rstrip('/')}/{FINGERPRINT}"
+
+
 def shard_file(folder: str, shard: str, suffix: str) -> str:
     """``<folder>/<shard><suffix>``: ``.tar``, ``.parquet`` or ``_stats.json``."""
     return f"{folder.rstrip('/')}/{shard}{suffix}"

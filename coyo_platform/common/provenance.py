@@ -53,13 +53,21 @@ def ids_and_urls_digest(frame: pl.DataFrame, chunk: int = 1_000_000) -> str:
     return h.hexdigest()
 
 
-#: Recorded, never compared: where an input was read (the same content moved is the same input).
-LOCATIONS = ("source_location",)
+#: Recorded, never compared: where an input was read (the same content moved is the same input),
+#: and the random id a fingerprint gets when its output is started (so that a part downloaded
+#: again with the same settings is still another download, whose labels are other labels).
+NOT_COMPARED = ("source_location", "made")
 
 
 def compared(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The fields of a fingerprint that must match for its output to be reused."""
-    return {k: v for k, v in fingerprint.items() if k not in LOCATIONS}
+    return {k: v for k, v in fingerprint.items() if k not in NOT_COMPARED}
+
+
+def identity(fingerprint: dict[str, Any]) -> str:
+    """Which output this is: its fingerprint's digest, the ``made`` id included, the location
+    not."""
+    return digest({k: v for k, v in fingerprint.items() if k != "source_location"})
 
 
 def slug(text: str) -> str:
@@ -67,7 +75,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-class Mismatch(ValueError):
+class BadInput(ValueError):
+    """Input or settings that no retry can fix: the programs report it as a final failure
+    (``reporting.FINAL_ERRORS``), the assets as ``dg.Failure(allow_retries=False)``."""
+
+
+class MissingInput(BadInput, FileNotFoundError):
+    """An input that is not there (no shards yet, no such checkpoint)."""
+
+
+class Mismatch(BadInput):
     """A stage's output was made from other inputs or settings than the ones asked for now."""
 
     def __init__(self, what: str, field: str, old: Any, new: Any, command: str) -> None:

@@ -17,6 +17,7 @@ from dagster_pipes import (
     open_dagster_pipes,
 )
 
+from coyo_platform.common.provenance import BadInput
 from coyo_platform.common.tables import Table
 
 
@@ -83,8 +84,9 @@ def _pipes_channels() -> dict[str, Any]:
 
 
 #: What a program stops on without any retry helping: bad settings or input, a checkpoint that
-#: is not weights, a fingerprint that does not match (``provenance.Mismatch`` is a ValueError).
-FINAL_ERRORS = (ValueError, FileNotFoundError)
+#: is not weights or is not there, a fingerprint that does not match. Only these: a network
+#: outage (the hub unreachable, a cut read) stays an error that Dagster retries.
+FINAL_ERRORS = (BadInput,)
 
 
 @contextmanager

@@ -98,8 +98,16 @@ def _comma_list(scalar: type):
 
 
 def from_arguments(cls: type, args: argparse.Namespace) -> Any:
-    """The settings the parsed command line gives (``ValueError`` for a bad value)."""
-    return cls(**{field.name: getattr(args, field.name) for field, _ in fields_of(cls)})
+    """The settings the parsed command line gives (``BadInput``, a ``ValueError``, for a bad
+    value)."""
+    from coyo_platform.common.provenance import BadInput
+
+    try:
+        return cls(**{field.name: getattr(args, field.name) for field, _ in fields_of(cls)})
+    except BadInput:
+        raise
+    except ValueError as err:
+        raise BadInput(f"bad settings: {err}") from err
 
 
 def to_arguments(values: Mapping[str, Any]) -> list[str]:

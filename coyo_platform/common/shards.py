@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from coyo_platform.common import layout
+from coyo_platform.common import layout, provenance
 from coyo_platform.common.storage import Storage
 
 _KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -68,6 +68,30 @@ def unlabeled(store: Storage, key: str) -> list[str]:
     folder = labels_folder(store, key)
     done = labeled(store, folder) if folder else set()
     return [s for s in finished(store, layout.shards(store, key)) if s not in done]
+
+
+@dataclass
+class LabelingTodo:
+    """What a labeling run of a partition would do: its ``missing`` shards, with the settings
+    of the partition's current label set (None: never labeled, the defaults), and a ``run_key``
+    that changes with the shards, the downloads (a part downloaded again) and the labeler."""
+
+    missing: list[str]
+    settings: dict | None
+    run_key: str
+
+
+def labeling_todo(store: Storage, key: str) -> LabelingTodo:
+    record = current_labels(store, key)
+    labeler = record["labeler"] if record else None
+    settings = None
+    if labeler:
+        made = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
+        settings = (made or {}).get("settings")
+    downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
+    missing = unlabeled(store, key)
+    made_from = provenance.identity(downloads) if downloads else None
+    return LabelingTodo(missing, settings, provenance.digest([missing, made_from, labeler]))
 
 
 def downloaded_partitions(store: Storage) -> list[str]:
@@ -138,6 +162,8 @@ def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
     part's copy is kept: the next run copies it again anyway."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
+    if not _KEY.match(key or ""):  # "" or ".." would name a stage's whole folder, or the root
+        raise ValueError(f"not a partition key: {key!r} (e.g. part-00000)")
     targets: list[str] = []
     later = STAGES[STAGES.index(stage) :]
     if "downloaded_shards" in later:

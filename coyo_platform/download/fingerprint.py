@@ -5,6 +5,7 @@ its old and new value and the command that starts the partition over. Imports no
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -33,12 +34,13 @@ SOURCE_FIELDS = ("rows", "ids_and_urls_sha256")
 
 
 def record_url(folder: str) -> str:
-    return f"{folder.rstrip('/')}/{layout.FINGERPRINT}"
+    return layout.download_record(folder)
 
 
-def current(metadata_url: str, settings: DownloadSettings) -> dict[str, Any]:
-    """The fingerprint a download of ``metadata_url`` with ``settings`` has."""
-    source = source_fingerprint(Storage(metadata_url.rsplit("/", 1)[0]), metadata_url) or {}
+def current(store: Storage, metadata_url: str, settings: DownloadSettings) -> dict[str, Any]:
+    """The fingerprint a download of ``metadata_url`` (read through ``store``: its endpoint and
+    retries) with ``settings`` has."""
+    source = source_fingerprint(store, metadata_url) or {}
     return {
         "source": {name: source.get(name) for name in SOURCE_FIELDS},
         "source_location": source.get("location"),
@@ -66,15 +68,16 @@ def start_over(folder: str) -> str:
 
 def check_folder(store: Storage, folder: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     """Raise :class:`provenance.Mismatch` unless ``folder``'s shards were made as ``wanted``
-    says; returns the recorded fingerprint (None: a folder with no shards and no record yet)."""
-    recorded = store.read_json_if_exists(record_url(folder))
-    if recorded is None:
-        if shards.finished(store, folder):
-            raise provenance.Mismatch(
-                f"{folder}", "fingerprint", "none (shards from an older version or another "
-                "tool)", "this run's", start_over(folder)
-            )  # fmt: skip
+    says; returns the recorded fingerprint (None: no finished shard yet, so nothing to reuse and
+    nothing to compare: a run stopped before its first shard may be rerun with other settings)."""
+    if not shards.finished(store, folder):
         return None
+    recorded = store.read_json_if_exists(record_url(folder))
+    if recorded is None:  # shards without a record: made by an older version, or by img2dataset
+        raise provenance.Mismatch(
+            f"{folder}", "fingerprint", "none (shards from an older version or another "
+            "tool)", "this run's", start_over(folder)
+        )  # fmt: skip
     what = f"the downloaded shards in {folder}"
     old, new = provenance.compared(recorded), provenance.compared(wanted)
     provenance.check(old, new, what, start_over(folder))
@@ -82,12 +85,18 @@ def check_folder(store: Storage, folder: str, wanted: dict[str, Any]) -> dict[st
 
 
 def check_or_record(store: Storage, folder: str, wanted: dict[str, Any]) -> None:
-    """Before a download: check the folder's fingerprint, or record it in a new folder."""
+    """Before a download: check the folder's fingerprint, or record it in a folder with no
+    finished shard yet, with a fresh ``made`` id (another download than any before it)."""
     if check_folder(store, folder, wanted) is None:
-        store.write_json(record_url(folder), wanted)
+        store.write_json(record_url(folder), {**wanted, "made": uuid.uuid4().hex})
+
+
+def identity(store: Storage, folder: str) -> str | None:
+    """Which download the folder holds (``provenance.identity``; None: no record)."""
+    recorded = store.read_json_if_exists(record_url(folder))
+    return provenance.identity(recorded) if recorded else None
 
 
 def data_version(store: Storage, folder: str) -> str:
-    """What downstream depends on: the fingerprint and the finished shards."""
-    recorded = store.read_json_if_exists(record_url(folder)) or {}
-    return provenance.digest([provenance.compared(recorded), shards.finished(store, folder)])
+    """What downstream depends on: which download it is and its finished shards."""
+    return provenance.digest([identity(store, folder), shards.finished(store, folder)])

@@ -65,6 +65,12 @@ def _exclusive(output: str) -> Iterator[None]:
         os.close(folder)
 
 
+def _metadata_store(metadata_url: str) -> Storage:
+    """The part's folder (the endpoint, if any, from ``AWS_ENDPOINT_URL``, as the compute seam
+    passes it)."""
+    return Storage(metadata_url.rsplit("/", 1)[0])
+
+
 def run_shards(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
 ) -> list[int]:
@@ -76,7 +82,8 @@ def run_shards(
     output = store.root
     store.fs.makedirs(output, exist_ok=True)
     with _exclusive(output), tempfile.TemporaryDirectory(prefix="coyo-download-") as tmp:
-        fingerprint.check_or_record(store, output, fingerprint.current(metadata_url, settings))
+        wanted = fingerprint.current(_metadata_store(metadata_url), metadata_url, settings)
+        fingerprint.check_or_record(store, output, wanted)
         clear_staging(output)  # a killed run's staging
         done = {int(s) for s in shards.finished(store, store.root) if s.isdigit()}
         reader = Reader(
@@ -133,7 +140,8 @@ def download_partition(
     """Download (or resume) a partition; raise if shards are left unfinished."""
     store = Storage(output)
     output = store.root
-    fingerprint.check_folder(store, output, fingerprint.current(metadata_url, settings))
+    wanted = fingerprint.current(_metadata_store(metadata_url), metadata_url, settings)
+    fingerprint.check_folder(store, output, wanted)
     rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
     expected = math.ceil(rows / settings.number_sample_per_shard)
     before = shards.finished(store, store.root)

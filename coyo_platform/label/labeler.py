@@ -5,7 +5,9 @@ fingerprint write the same labels (on the same kind of machine), so they share o
 The fingerprint: the model name, the weights' content digest (``weights.load_model``: the
 checkpoint file's sha256, so a copy under another path or URL is the same labeler), the
 preprocessing as resolved (input size, interpolation, mean, std, crop), the activation, the
-precision as resolved on this device (``auto`` is bf16 or fp32), and the torch and timm versions.
+precision as resolved on this device (``auto`` is bf16 or fp32), the device type and where JPEGs
+are decoded (both change the numbers), and the torch and timm versions. Not in it: the batch
+size, the loader processes and the GPU model; a resume with the same settings batches alike.
 The id is ``<model>-<12 hex digits of the fingerprint's digest>``. Imports no ``dagster``.
 """
 
@@ -17,7 +19,13 @@ from coyo_platform.common import provenance
 
 
 def fingerprint(
-    model: str, weights_sha256: str, config: dict[str, Any], activation: str, precision: str
+    model: str,
+    weights_sha256: str,
+    config: dict[str, Any],
+    activation: str,
+    precision: str,
+    device: str,
+    decode: str,
 ) -> dict[str, Any]:
     import timm
     import torch
@@ -33,6 +41,8 @@ def fingerprint(
         "crop_mode": config["crop_mode"],
         "activation": activation,
         "precision": precision,
+        "device": device,  # cpu or cuda: other kernels, other bits
+        "decode": decode,  # where JPEGs are decoded and resized: cpu (PIL, timm) or device
         "torch": torch.__version__,
         "timm": timm.__version__,
     }

@@ -126,8 +126,15 @@ class ModelStep:
     def fingerprint(self, settings: LabelSettings) -> dict[str, Any]:
         """This labeler's fingerprint (``labeler.py``), as resolved on this device."""
         precision = "bf16" if self.dtype else "fp32"
+        decode = "device" if settings.decode_on_device else "cpu"  # nvJPEG's pixels differ
         return labeler.fingerprint(
-            settings.model, self.weights_sha256, self.config, self.activation, precision
+            settings.model,
+            self.weights_sha256,
+            self.config,
+            self.activation,
+            precision,
+            device=self.device.type,
+            decode=decode,
         )
 
     def _normalized(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

@@ -28,7 +28,7 @@ import logging
 import resource
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ class LabelSummary:
     labeler: str = ""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     folder: str = ""
+    downloads: str | None = None  # the identity of the downloads labeled
 
     @property
     def images_per_second(self) -> float:
@@ -79,10 +80,9 @@ class LabelSummary:
         return self.labeled / self.seconds if self.seconds > 0 else 0.0
 
     def data_version(self) -> str:
-        """What downstream depends on: the labeler and the shards labeled in its set."""
-        return provenance.digest(
-            [self.labeler, sorted(shards.labeled(Storage(self.folder), self.folder))]
-        )
+        """What downstream depends on: the labeler, the downloads and the shards labeled."""
+        labeled = sorted(shards.labeled(Storage(self.folder), self.folder))
+        return provenance.digest([self.labeler, self.downloads, labeled])
 
     def metadata(self, settings: LabelSettings) -> dict[str, Any]:
         """The materialization's metadata (Pipes' raw form)."""
@@ -206,20 +206,24 @@ def _run_batches(model: ModelStep, loader, labeling: Labeling) -> None:
             collect(*in_flight)
 
 
-def _label_set(labels_root: Storage, labeled: str, fingerprint: dict[str, Any], part: str):
-    """The label set's record (written once: its id is its fingerprint's digest) and the
-    partition's folder in it, checked against the downloads it was labeled from."""
+def _label_set(
+    labels_root: Storage, labeled: str, fingerprint: dict[str, Any], part: str, settings
+) -> Storage:
+    """The label set's record (written once: its id is its fingerprint's digest), with the
+    settings that made it (the sensor labels new shards of a partition with its current set's
+    settings), and the partition's folder in it."""
     record = layout.labeler_record(labels_root.root, labeled)
     if not labels_root.exists(record):
-        labels_root.write_json(record, {"labeler": labeled, **fingerprint})
+        given = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+        labels_root.write_json(record, {"labeler": labeled, **fingerprint, "settings": given})
     return Storage(layout.labels_in(labels_root.root, part, labeled))
 
 
 def _check_downloads(source: Storage, out: Storage, part: str) -> str | None:
     """The downloads' fingerprint digest, recorded with the labels on first use; labels made
     from other downloads (a part downloaded again from another source) are not reused."""
-    downloads = source.read_json_if_exists(f"{source.root}/{layout.FINGERPRINT}")
-    made_from = provenance.digest(provenance.compared(downloads)) if downloads else None
+    downloads = source.read_json_if_exists(layout.download_record(source.root))
+    made_from = provenance.identity(downloads) if downloads else None
     record = f"{out.root}/{DOWNLOADS_RECORD}"
     recorded = out.read_json_if_exists(record)
     if recorded is None:
@@ -228,7 +232,7 @@ def _check_downloads(source: Storage, out: Storage, part: str) -> str | None:
         return made_from
     provenance.check(
         recorded, {"downloads": made_from}, f"the labels in {out.root}",
-        provenance.start_over_command(out.root.rsplit("/", 3)[0], part, layout.DOWNLOADS),
+        provenance.start_over_command(out.root.rsplit("/", 3)[0], part, layout.LABELS),
     )  # fmt: skip
     return made_from
 
@@ -253,16 +257,21 @@ def label_shards(
     source, root = Storage(shards_dir), Storage(labels_root)
     part = part or source.root.rstrip("/").rsplit("/", 1)[-1]
     if not shards.tars(source, source.root):
-        raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
+        raise provenance.MissingInput(f"no shards (*.tar) under {source.root}: download them first")
     device = settings.resolved_device()
-    model = ModelStep(settings, device)
+    try:
+        model = ModelStep(settings, device)
+    except provenance.BadInput:
+        raise
+    except ValueError as err:  # a checkpoint that is not weights, or not for this model
+        raise provenance.BadInput(str(err)) from err
     fingerprint = model.fingerprint(settings)
     labeled = labeler.labeler_id(fingerprint)
-    out = _label_set(root, labeled, fingerprint, part)
-    _check_downloads(source, out, part)
+    out = _label_set(root, labeled, fingerprint, part, settings)
+    downloads = _check_downloads(source, out, part)
     todo, skipped = shards_to_label(source, out, log)
     summary = LabelSummary(shards_skipped=skipped, labeler=labeled, fingerprint=fingerprint)
-    summary.folder = out.root
+    summary.folder, summary.downloads = out.root, downloads
     log.info(f"labeler {labeled}: {len(todo) + skipped} shards, {skipped} already labeled")
     if todo:
         _label(todo, out, settings, model, summary, log, began)

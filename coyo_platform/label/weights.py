@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from coyo_platform.common.labelspace import NUM_MODEL_OUTPUTS
-from coyo_platform.common.provenance import file_digest
+from coyo_platform.common.provenance import MissingInput, file_digest
 from coyo_platform.common.storage import is_local, local_path
 from coyo_platform.label.settings import DEFAULT_MODEL, LabelSettings, check_model_name
 
@@ -29,7 +29,7 @@ def local_checkpoint(url: str, cache_dir: str) -> str:
     if is_local(url):
         local = local_path(url)
         if not os.path.isfile(local):
-            raise FileNotFoundError(f"checkpoint {url}: no such file")
+            raise MissingInput(f"checkpoint {url}: no such file")
         return local
     cache = {"cache_storage": cache_dir, "check_files": True, "expiry_time": False}
     os.makedirs(cache_dir, exist_ok=True)
@@ -38,7 +38,7 @@ def local_checkpoint(url: str, cache_dir: str) -> str:
         try:
             return fsspec.open_local(f"filecache::{url}", filecache=cache)
         except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {url}: no such object") from None
+            raise MissingInput(f"checkpoint {url}: no such object") from None
 
 
 def read_weights(path: str, shown: str | None = None) -> dict[str, torch.Tensor]:
@@ -113,7 +113,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
