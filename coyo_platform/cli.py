@@ -173,9 +173,14 @@ def _materialize(
         raise SystemExit(
             f"{where} {name} FAILED after {took:.1f}s: {_failure_text(result, verbose)}"
         )
+    blocking = []
     for check in (e for e in result.get_asset_check_evaluations() if not e.passed):
         figures = ", ".join(f"{k}={v.value}" for k, v in check.metadata.items())
         print(f"{where} check {check.check_name} FAILED ({check.severity.value}): {figures}")
+        if check.severity.value == "ERROR":  # a blocking check: nothing is built on it
+            blocking.append(check.check_name)
+    if blocking:
+        raise SystemExit(f"{where} {name}: blocking check {', '.join(blocking)} failed; stopped")
     materialized = result.asset_materializations_for_node(name)
     if not materialized:
         print(f"{where} {name:<20} unchanged in {took:6.1f}s", flush=True)

@@ -12,6 +12,7 @@ import io
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import subprocess
 import tarfile
@@ -27,7 +28,7 @@ from PIL import Image
 
 from coyo_platform import demo
 from coyo_platform.download.fetch import Guard, why_blocked
-from coyo_platform_tests.conftest import download_cmd, without_dagster
+from coyo_platform_tests.conftest import download_cmd, free_port, without_dagster
 
 WEB_HOST = "127.0.0.2"  # the allowed "internet"; 127.0.0.1 stays forbidden, like a private network
 
@@ -349,6 +350,15 @@ def test_every_misbehaviour_gets_its_status_and_no_row_is_lost(web, tmp_path: Pa
             wrong.append((url, status, row["status"], row["error_message"]))
     assert not wrong, wrong
 
+    # final and transient failures kept apart, per row
+    for row in rows.iter_rows(named=True):
+        message = row["error_message"] or ""
+        transient = row["status"] == "timeout" or any(
+            m in message
+            for m in ("HTTP Error 500", "RemoteDisconnected", "IncompleteRead", "incomplete body")
+        )
+        assert row["transient"] is transient, (row["status"], message)
+
     # the private side never saw a request: not directly, not by redirect, not by name
     assert sum(internal_hits.values()) == 0, internal_hits
 
@@ -419,6 +429,11 @@ def test_a_rerun_after_everything_failed_keeps_every_row_once(web, tmp_path: Pat
         ("240.0.0.1", "reserved"),
         ("::ffff:169.254.169.254", "link-local"),  # IPv4-mapped
         ("2002:a9fe:a9fe::", "link-local"),  # 6to4 wrapping 169.254.169.254
+        ("2002:808:808::1", None),  # 6to4 wrapping 8.8.8.8: both global
+        ("2001:0:7f00:1:8000:63bf:3fff:fdd2", "loopback"),  # Teredo, server 127.0.0.1
+        ("2001:0:808:808:8000:63bf:80ff:fefe", "loopback"),  # Teredo, client 127.0.1.1
+        # Teredo with server 8.8.8.8 and client 8.8.4.4: the Teredo prefix itself is not global
+        ("2001:0:808:808:8000:63bf:f7f7:fbfb", "private"),
         ("fe80::1", "link-local"),
         ("8.8.8.8", None),
         ("2606:4700:4700::1111", None),
@@ -427,6 +442,49 @@ def test_a_rerun_after_everything_failed_keeps_every_row_once(web, tmp_path: Pat
 def test_which_addresses_are_refused(address: str, blocked: str | None):
     reason = why_blocked(ipaddress.ip_address(address))
     assert (reason is None) if blocked is None else (blocked in reason), reason
+
+
+def test_urls_are_sent_as_a_browser_sends_them(monkeypatch: pytest.MonkeyPatch):
+    """A non-ASCII host goes out IDNA-encoded (and is resolved and guarded as such), a
+    non-ASCII path and query percent-encoded as UTF-8; a host IDNA refuses is a bad URL."""
+    from coyo_platform.download.fetch import Fetcher, FetchError, browser_url
+
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append((self.headers["Host"], self.path))
+            body = _png(Image.new("RGB", (4, 4)))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server, base = _serve(WEB_HOST, Recorder)
+    port = server.server_address[1]
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def resolve(host, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - a stub DNS for one name
+        asked.append(host)
+        return real(WEB_HOST if host == "xn--bcher-kva.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    fetcher = Fetcher(guard=Guard((ipaddress.ip_network(f"{WEB_HOST}/32"),)))
+    try:
+        data = fetcher.fetch(f"http://bücher.example:{port}/straße/ä b.png?q=ü&x=%20")
+    finally:
+        server.shutdown()
+    assert data.startswith(b"\x89PNG")
+    assert asked == ["xn--bcher-kva.example"]
+    assert seen == [(f"xn--bcher-kva.example:{port}", "/stra%C3%9Fe/%C3%A4%20b.png?q=%C3%BC&x=%20")]
+    assert browser_url("http://example.com/a%20b?c=d") == "http://example.com/a%20b?c=d"
+    with pytest.raises(FetchError, match="bad url: host"):
+        fetcher.fetch("http://\u0301abc.example/x.png")  # a label opening with a combining mark
 
 
 def test_the_allow_list_opens_only_what_it_names():
@@ -499,6 +557,69 @@ def test_a_download_process_killed_fails_the_run_clearly_and_a_rerun_finishes(we
     assert "settings.number_sample_per_shard=6, but this run asks for" in refused.stderr
     assert "settings.number_sample_per_shard=5" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def _outage_cmd(part: Path, out: Path) -> list[str]:
+    return download_cmd(
+        part, out, "--number-sample-per-shard", "5", "--timeout", "2", "--retries", "0",
+        "--shard-retries", "1", "--outage-backoff", "0.2", "--allow-networks", f"{WEB_HOST}/32",
+    )  # fmt: skip
+
+
+def test_a_server_down_then_up_loses_nothing(web, tmp_path: Path):
+    """The image server is down: every row fails transiently (connection refused), so no shard
+    is committed; the program tries again after a backoff, then fails naming the likely cause.
+    With the server back, the same command downloads every image, each once."""
+    files, _, _, _ = web
+    port = free_port()
+    base = f"http://{WEB_HOST}:{port}"
+    rows = [(f"{base}/photo.jpg", files.phash["photo"], "success", "")] * 10
+    part = _part(tmp_path, rows)
+    out = tmp_path / "out"
+    down = subprocess.run(_outage_cmd(part, out), capture_output=True, text=True)
+    assert down.returncode == 1
+    assert "0 of 2 shards finished" in down.stderr
+    assert "5 of 5 rows failed transiently (download: connection refused 5)" in down.stderr
+    assert "likely cause: the network" in down.stderr
+    assert "trying again in 0.2 s" in down.stderr  # backed off once, then gave up
+    assert not list(out.glob("*_stats.json")) and not list(out.glob("*.tar"))
+
+    handler = type("Back", (Hostile,), {"files": files, "hits": Counter()})
+    server = http.server.ThreadingHTTPServer((WEB_HOST, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = subprocess.run(_outage_cmd(part, out), capture_output=True, text=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert up.returncode == 0, up.stderr[-2000:]
+    got = _rows(out)
+    assert sorted(got["id"]) == sorted(pl.read_parquet(part)["id"])  # every row once
+    assert got["status"].to_list() == ["success"] * 10
+    assert sorted(_tar_ids(out)) == sorted(got["id"])  # every image once
+
+
+def test_names_that_all_fail_to_resolve_are_an_outage(web, tmp_path: Path):
+    """A resolver down looks like every name failing: not committed as ten dead links."""
+    rows = [(f"http://no-such-host-{i}.invalid/x.jpg", None, "", "") for i in range(5)]
+    out = tmp_path / "out"
+    done = subprocess.run(_outage_cmd(_part(tmp_path, rows), out), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "every name failed to resolve" in done.stderr
+    assert not list(out.glob("*_stats.json"))
+
+
+def test_a_partition_with_no_image_fails_and_says_why(web, tmp_path: Path):
+    """Every URL blocked (they name loopback addresses): the download fails as bad input, with
+    the counts and the fix, and not as an empty success."""
+    rows = [(f"http://127.0.0.1:9/{i}.jpg", None, "", "") for i in range(4)]
+    out = tmp_path / "out"
+    cmd = download_cmd(_part(tmp_path, rows), out, "--number-sample-per-shard", "5")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: no image downloaded: all 4 URLs failed (blocked 4;")
+    assert "non-public addresses; --allow-networks" in line
 
 
 def _cmdline(pid: int) -> bytes:

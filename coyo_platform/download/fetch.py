@@ -9,7 +9,8 @@ This module is the download program's only way out to the web:
 - **Addresses.** The host name is resolved here, every address it resolves to is checked, and the
   connection is opened to the checked address itself (so a DNS answer that changes between check
   and connect changes nothing). Loopback, private, link-local (the metadata service), multicast,
-  reserved, unspecified and other non-global addresses are refused, IPv4-mapped IPv6 included,
+  reserved, unspecified and other non-global addresses are refused, in IPv4-mapped, 6to4 and
+  Teredo (server and client) IPv6 addresses as well as outside them,
   unless an ``allow`` network names them (tests, private mirrors). Every redirect hop is a new
   request through the same check. Only ``http`` and ``https``: no ``file:``, ``ftp:``, ``data:``.
   Proxy variables are ignored (a proxy would connect on our behalf, past the check).
@@ -62,6 +63,40 @@ class FetchError(Exception):
         self.transient = transient
 
 
+#: What a browser leaves as it is in a path or a query (RFC 3986's reserved and unreserved
+#: characters, and ``%`` for escapes already there); anything else is percent-encoded as UTF-8.
+_URL_SAFE = "/:@!$&'()*+,;=-._~%?#[]"
+
+
+def browser_url(url: str) -> str:
+    """``url`` as a browser sends it: a non-ASCII host IDNA-encoded (UTS 46, the ``idna``
+    package: ``bücher.example`` -> ``xn--bcher-kva.example``), non-ASCII (and space) in the path
+    and query percent-encoded as UTF-8. ASCII URLs come back unchanged. ``FetchError`` (failed,
+    ``bad url``) for a host IDNA refuses."""
+    if url.isascii() and " " not in url:
+        return url
+    import idna
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise FetchError(FAILED, f"bad url: host {host!r}: {exc}") from None
+    netloc = host if ":" not in host else f"[{host}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    if parts.username is not None:
+        user = urllib.parse.quote(parts.username, safe="%")
+        password = f":{urllib.parse.quote(parts.password, safe='%')}" if parts.password else ""
+        netloc = f"{user}{password}@{netloc}"
+    path = urllib.parse.quote(parts.path, safe=_URL_SAFE)
+    query = urllib.parse.quote(parts.query, safe=_URL_SAFE)
+    fragment = urllib.parse.quote(parts.fragment, safe=_URL_SAFE)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, fragment))
+
+
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
     """``["127.0.0.1/32", "10.1.0.0/16"]`` -> networks; a bad entry raises ValueError naming it."""
     networks = []
@@ -79,12 +114,17 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
 
 
 def why_blocked(address: Address) -> str | None:
-    """Why ``address`` is no place for a download to go, or None for a global unicast address."""
+    """Why ``address`` is no place for a download to go, or None for a global unicast address.
+    An IPv6 address that carries IPv4 ones (mapped, 6to4, Teredo's server and client) is checked
+    as each of them and as itself."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
-        if embedded is not None:
-            reason = why_blocked(embedded)
-            return f"{reason} (inside {address})" if reason else None
+        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        for inner in (a for a in embedded if a is not None):
+            reason = why_blocked(inner)
+            if reason:
+                return f"{reason} (inside {address})"
+        if address.ipv4_mapped is not None:
+            return None  # ::ffff:a.b.c.d is a.b.c.d, checked above
     kinds = ("loopback", "link_local", "site_local", "unspecified", "multicast", "reserved")
     for kind in (*kinds, "private"):
         if getattr(address, f"is_{kind}", False):
@@ -217,7 +257,7 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
     def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001
         location = headers.get("location") or headers.get("uri") or ""
-        target = urllib.parse.urljoin(req.full_url, location)
+        target = browser_url(urllib.parse.urljoin(req.full_url, location))
         fp.close()  # urllib would read the redirect's whole body, unbounded: never read it
         if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
             raise FetchError(BLOCKED, f"blocked: redirect to a non-http(s) URL ({target[:80]})")
@@ -265,6 +305,7 @@ class Fetcher:
                     raise FetchError(BLOCKED, f"blocked: not an http(s) URL ({scheme}:)")
                 raise FetchError(FAILED, f"bad url: {str(url)[:80]!r}")
             try:
+                url = browser_url(url)  # the guard then resolves the encoded host
                 request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
                 urllib.parse.urlsplit(url).port  # noqa: B018 - raises on a bad port
             except ValueError as exc:

@@ -29,6 +29,8 @@ OUTPUT_SETTINGS = (
     "drift_distance",
     "drop_drifted",
 )
+#: The shards' own format: 2 added each row's ``transient`` flag to the parquet.
+FORMAT = 2
 #: The source fields compared: the content (a part moved to another bucket is the same part).
 SOURCE_FIELDS = ("rows", "ids_and_urls_sha256")
 
@@ -42,6 +44,7 @@ def current(store: Storage, metadata_url: str, settings: DownloadSettings) -> di
     retries) with ``settings`` has."""
     source = source_fingerprint(store, metadata_url) or {}
     return {
+        "format": FORMAT,
         "source": {name: source.get(name) for name in SOURCE_FIELDS},
         "source_location": source.get("location"),
         "settings": current_settings(settings),

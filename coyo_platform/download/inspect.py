@@ -23,6 +23,7 @@ class Fetched:
     message: str | None = None
     phash: str | None = None
     distance: int | None = None
+    transient: bool = False  # a failure another try may not meet (timeout, 5xx, reset, DNS)
 
 
 #: Full decodes at once per process: a PNG or WebP (no draft mode) of up to ``max_pixels`` takes

@@ -24,11 +24,12 @@ from concurrent.futures.process import BrokenProcessPool
 
 import polars as pl
 
-from coyo_platform.common import shards
+from coyo_platform.common import provenance, shards
 from coyo_platform.common.storage import Storage, is_local
 from coyo_platform.download import fingerprint
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.download.shard import ShardDownloader, clear_staging
+from coyo_platform.download.statuses import BLOCKED
 from coyo_platform.download.summary import DownloadSummary, summarize
 
 OnShard = Callable[[int, dict[str, int]], None]
@@ -73,8 +74,9 @@ def _metadata_store(metadata_url: str) -> Storage:
 
 def run_shards(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
-) -> list[int]:
-    """Download every shard of the part not done yet; returns the shard ids that failed. The
+) -> dict[int, str]:
+    """Download every shard of the part not done yet; returns the shards that failed, with why.
+    The
     folder's fingerprint is checked (or, in a new folder, recorded) under the folder's lock."""
     from img2dataset.reader import Reader
 
@@ -100,29 +102,41 @@ def run_shards(
             0,
         )
         shard = ShardDownloader(output, settings, reader.column_list)
-        failed = _run_pool(shard, list(reader), settings.processes, output, on_shard)
+        failed = _run_pool(shard, list(reader), settings, output, on_shard)
         clear_staging(output)
-    return sorted(row[0] for row in failed)
+    return failed
 
 
 def _run_pool(
-    shard: ShardDownloader, todo: list, processes: int, output: str, on_shard: OnShard | None
-) -> list[tuple[int, str]]:
-    failed: list[tuple[int, str]] = []
+    shard: ShardDownloader,
+    todo: list,
+    settings: DownloadSettings,
+    output: str,
+    on_shard: OnShard | None,
+) -> dict[int, str]:
+    """Download ``todo``'s shards; the shards not done (an outage, an error) are tried again
+    ``shard_retries`` times, after ``outage_backoff`` seconds, doubling. Returns the shards left
+    undone, with why."""
+    failed: dict[int, str] = {}
     with ProcessPoolExecutor(
-        processes,
+        settings.processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_die_with_parent,
         initargs=(os.getpid(),),
     ) as pool:
-        for _attempt in range(2):  # img2dataset's max_shard_retry=1
-            failed = []
+        for attempt in range(settings.shard_retries + 1):
+            if attempt:
+                wait = settings.outage_backoff * 2 ** (attempt - 1)
+                print(f"{len(todo)} shard(s) not done; trying again in {wait:g} s", file=sys.stderr)
+                time.sleep(wait)
+            failed, again = {}, []
             try:
-                for ok, row, counts in pool.map(shard, todo):
+                for ok, row, counts, why in pool.map(shard, todo):
                     if ok and on_shard is not None:
                         on_shard(row[0], counts)
                     if not ok:
-                        failed.append(row)
+                        failed[row[0]] = why
+                        again.append(row)
             except BrokenProcessPool as exc:  # killed by the OOM killer, or a decoder crash
                 raise RuntimeError(
                     f"a download process died (out of memory? a crashing decoder?) while "
@@ -130,7 +144,7 @@ def _run_pool(
                 ) from exc
             if not failed:
                 break
-            todo = failed
+            todo = again
     return failed
 
 
@@ -146,14 +160,35 @@ def download_partition(
     expected = math.ceil(rows / settings.number_sample_per_shard)
     before = shards.finished(store, store.root)
     start = time.monotonic()
+    failed: dict[int, str] = {}
     if len(before) < expected:
-        run_shards(metadata_url, output, settings, on_shard)
+        failed = run_shards(metadata_url, output, settings, on_shard)
     clear_staging(output)  # also what a run killed after its last shard left
     summary = summarize(store, set(before), time.monotonic() - start, settings.drift_distance)
     missing = expected - summary.shards
     if missing > 0:
-        raise RuntimeError(
-            f"{summary.shards} of {expected} shards finished in {output}; "
-            f"{missing} failed. Rerun to resume: finished shards are kept."
+        why = "; ".join(failed[s] for s in sorted(failed)[:3]) or "see the log"
+        raise RuntimeError(  # transient: Dagster retries the step, with backoff
+            f"{summary.shards} of {expected} shards finished in {output}; {missing} not: {why}. "
+            "Finished shards are kept: rerun (or let the step's retries) resume"
         )
+    if summary.attempted and not summary.succeeded:
+        raise provenance.BadInput(nothing_downloaded(summary))
     return summary
+
+
+def nothing_downloaded(summary: DownloadSummary) -> str:
+    """Why a partition whose shards are all done has no image, and what to do."""
+    counts = ", ".join(
+        f"{s} {n}" for s, n in sorted(summary.by_status.items(), key=lambda x: -x[1])
+    )
+    reasons = ", ".join(
+        f"{r} {n}" for r, n in sorted(summary.failed_by_reason.items(), key=lambda x: -x[1])[:3]
+    )
+    head = f"no image downloaded: all {summary.attempted} URLs failed ({counts}; {reasons})"
+    if summary.by_status.get(BLOCKED, 0) == summary.attempted:
+        return (
+            f"{head}: they name non-public addresses; --allow-networks (allow_networks) opens a "
+            "mirror or a test server"
+        )
+    return f"{head}: check the part's URLs (are they still online?)"

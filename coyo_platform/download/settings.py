@@ -58,6 +58,15 @@ class DownloadSettings:
         12, "pHash bits (of 64) above which an image counts as changed since the crawl"
     )
     drop_drifted: bool = setting(False, "drop images farther than drift_distance (status drifted)")
+    max_transient_share: float = setting(
+        0.5,
+        "a shard whose rows failed transiently (timeouts, 5xx, resets, DNS) above this share, or "
+        "whose names all failed to resolve, is an outage: not committed, tried again later",
+    )
+    shard_retries: int = setting(
+        2, "tries again for a shard that failed or met an outage, after outage_backoff, doubling"
+    )
+    outage_backoff: float = setting(30.0, "seconds before a shard is tried again (then doubled)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -75,6 +84,12 @@ class DownloadSettings:
                 f"max_pixels must be <= {2 * MAX_PIXELS:,} (PIL refuses larger images itself), "
                 f"got {self.max_pixels:,}"
             )
+        if not 0 < self.max_transient_share <= 1:
+            raise ValueError(
+                f"max_transient_share must be in (0, 1], got {self.max_transient_share}"
+            )
+        if self.shard_retries < 0 or self.outage_backoff < 0:
+            raise ValueError("shard_retries and outage_backoff must be >= 0")
         if not 0 <= self.drift_distance <= 64:
             raise ValueError(f"drift_distance must be in [0, 64] (bits), got {self.drift_distance}")
         fetch.parse_networks(self.allow_networks)

@@ -54,7 +54,13 @@ SHARD_COLUMNS = (
     ("sha256", pa.string()),
     ("phash", pa.string()),
     ("phash_distance", pa.int32()),
+    ("transient", pa.bool_()),  # a failure another try may not meet; False for final ones
 )
+
+
+class Outage(RuntimeError):
+    """Too many of a shard's rows failed transiently: the network, not the links. The shard is
+    not committed, so a later try (or rerun) downloads it whole."""
 
 
 def clear_staging(output: str) -> None:
@@ -91,12 +97,14 @@ class ShardDownloader:
         self.oom_shard_count = 5  # img2dataset's default: 00000.tar
         self.oom_sample_per_shard = math.ceil(math.log10(settings.number_sample_per_shard))
 
-    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str], dict[str, int]]:
+    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str], dict[str, int], str]:
+        """(done, row, status counts, why not done)."""
         try:
-            return True, row, self.download_shard(*row)
+            return True, row, self.download_shard(*row), ""
         except Exception as exc:  # noqa: BLE001 - reported, the shard is retried or left undone
-            print(f"shard {row[0]} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return False, row, {}
+            why = str(exc) if isinstance(exc, Outage) else f"{type(exc).__name__}: {exc}"
+            print(f"shard {row[0]} not done: {why}", file=sys.stderr)
+            return False, row, {}, why
 
     def download_shard(self, shard_id: int, arrow_file: str) -> dict[str, int]:
         """Fetch, inspect, resize and write every row of the shard; returns its status counts."""
@@ -112,8 +120,9 @@ class ShardDownloader:
         staging = os.path.join(layout.staging(self.output), f"shard-{shard_id}-{uuid.uuid4().hex}")
         os.makedirs(staging, exist_ok=True)
         try:
-            counts, reasons = self._write(shard_id, rows, schema, staging)
+            counts, reasons, transient = self._write(shard_id, rows, schema, staging)
             name = f"{shard_id:0{self.oom_shard_count}d}"
+            self._check_outage(name, len(rows), reasons, transient)
             stats = _stats_file(len(rows), counts, reasons, start)
             with open(os.path.join(staging, name + layout.STATS_DONE), "w") as fh:
                 json.dump(stats, fh, indent=1)
@@ -122,9 +131,24 @@ class ShardDownloader:
             shutil.rmtree(staging, ignore_errors=True)
         return dict(counts)
 
+    def _check_outage(
+        self, name: str, rows: int, reasons: Counter[str], transient: Counter[str]
+    ) -> None:
+        """Raise :class:`Outage` when the shard's transient failures pass the share allowed, or
+        every row's name failed to resolve (a resolver down)."""
+        failed = sum(transient.values())
+        dns = sum(n for reason, n in reasons.items() if reason == "download: dns")
+        if rows and (failed / rows > self.settings.max_transient_share or dns == rows):
+            top = ", ".join(f"{r} {n}" for r, n in transient.most_common(3))
+            cause = "every name failed to resolve" if dns == rows else "the network, not the links"
+            raise Outage(
+                f"shard {name}: {failed} of {rows} rows failed transiently ({top}); likely "
+                f"cause: {cause} (a resolver or NAT gateway down, egress throttled)"
+            )
+
     def _write(
         self, shard_id: int, rows: list[dict[str, Any]], schema: pa.Schema, staging: str
-    ) -> tuple[Counter[str], Counter[str]]:
+    ) -> tuple[Counter[str], Counter[str], Counter[str]]:
         """Every row into the staging folder's tar and parquet, as its fetch comes back."""
         from img2dataset.writer import WebDatasetSampleWriter
 
@@ -133,16 +157,20 @@ class ShardDownloader:
         )
         counts: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
+        transient: Counter[str] = Counter()  # by reason
         with contextlib.closing(self._fetched(rows)) as fetched:
             for got in fetched:
                 row = rows[got.key]
                 image, meta = self._sample(shard_id, row, got)
                 counts[meta["status"]] += 1
                 status, message = meta["status"], meta["error_message"]
-                reasons[SUCCESS if status == SUCCESS else reason_of(status, message)] += 1
+                reason = SUCCESS if status == SUCCESS else reason_of(status, message)
+                reasons[reason] += 1
+                if meta["transient"]:
+                    transient[reason] += 1
                 writer.write(image, meta["key"], row["caption"], meta)
         writer.close()
-        return counts, reasons
+        return counts, reasons, transient
 
     @contextmanager
     def _pool(self) -> Iterator[tuple[ThreadPool, Semaphore, threading.Event]]:
@@ -192,7 +220,7 @@ class ShardDownloader:
             try:
                 data = fetcher.fetch(url)
             except fetch.FetchError as exc:
-                result = Fetched(key, None, exc.status, exc.message)
+                result = Fetched(key, None, exc.status, exc.message, transient=exc.transient)
                 if exc.transient:
                     continue  # a timeout, a 5xx, a reset; not a 404, a blocked URL, a bad TLS cert
                 return result
@@ -221,6 +249,7 @@ class ShardDownloader:
             error_message=got.message,
             phash=got.phash,
             phash_distance=got.distance,
+            transient=got.status != SUCCESS and got.transient,
         )
         if got.status != SUCCESS:
             return None, meta
