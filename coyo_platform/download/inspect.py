@@ -24,6 +24,13 @@ class Fetched:
     phash: str | None = None
     distance: int | None = None
     transient: bool = False  # a failure another try may not meet (timeout, 5xx, reset, DNS)
+    size: tuple[int, int] | None = None  # (width, height) as Pillow reads the header
+
+
+#: The formats a web image of COYO's may be in; anything else (TIFF, ICO, PSD, PCX, ...) is
+#: refused before any decode: every extra parser is another way for two decoders to disagree
+#: about a file (a TIFF Pillow reads as 256 x 256 and libtiff, under OpenCV, as 32768 x 32768).
+FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP"})
 
 
 #: Full decodes at once per process: a PNG or WebP (no draft mode) of up to ``max_pixels`` takes
@@ -72,6 +79,9 @@ def inspect(data: bytes, crawl_phash: str | None, max_pixels: int) -> Fetched:
         return Fetched(-1, None, NOT_AN_IMAGE, f"not an image: {type(exc).__name__}")
     with img:
         width, height = img.size
+        out.size = (width, height)
+        if img.format not in FORMATS:
+            return Fetched(-1, None, NOT_AN_IMAGE, f"not an image: format {img.format} refused")
         if width * height > max_pixels:
             return Fetched(
                 -1,

@@ -35,6 +35,14 @@ from coyo_platform.download.summary import DownloadSummary, summarize
 OnShard = Callable[[int, dict[str, int]], None]
 
 
+def _pool_process(parent: int, max_pixels: int) -> None:
+    """A pool process: OpenCV's own pixel limit set to ``max_pixels`` (it reads
+    ``OPENCV_IO_MAX_IMAGE_PIXELS`` at its first decode), so that it refuses what Pillow's header
+    check would; and it dies with the download program."""
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    _die_with_parent(parent)
+
+
 def _die_with_parent(parent: int) -> None:
     """Pool processes end when the download program dies (SIGKILL included): an orphan left writing
     shards would race the rerun. Linux's PR_SET_PDEATHSIG; elsewhere, nothing."""
@@ -121,8 +129,8 @@ def _run_pool(
     with ProcessPoolExecutor(
         settings.processes,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_die_with_parent,
-        initargs=(os.getpid(),),
+        initializer=_pool_process,
+        initargs=(os.getpid(), settings.max_pixels),
     ) as pool:
         for attempt in range(settings.shard_retries + 1):
             if attempt:
