@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import dagster as dg
 from dagster_aws.pipes import PipesECSClient, PipesS3ContextInjector, PipesS3MessageReader
 
-from coyo_platform.common.reporting import FAILURE
+from coyo_platform.common.reporting import ERROR, FAILURE
 from coyo_platform.common.storage import Storage
 from coyo_platform.ingest.sources import HUB_SOURCE
 
@@ -70,13 +70,14 @@ class ComputeResource(dg.ConfigurableResource):
 
     @staticmethod
     def result(run, program: str) -> dg.MaterializeResult:
-        """The materialization the program reported, or the failure it reported (bad input,
-        mismatched state: ``reporting.FAILURE``), raised as a failure that is not retried."""
-        failures = [
-            m[FAILURE] for m in run.get_custom_messages() if isinstance(m, dict) and FAILURE in m
-        ]
-        if failures:
-            raise dg.Failure(description=f"{program}: {failures[0]}", allow_retries=False)
+        """The materialization the program reported, or the failure it reported: bad input or
+        mismatched state (``reporting.FAILURE``) as a failure that is not retried, anything
+        else (``reporting.ERROR``: an outage, say) as one the retry policy retries."""
+        messages = [m for m in run.get_custom_messages() if isinstance(m, dict)]
+        for kind, retried in ((FAILURE, False), (ERROR, True)):
+            said = [m[kind] for m in messages if kind in m]
+            if said:
+                raise dg.Failure(description=f"{program}: {said[0]}", allow_retries=retried)
         # no implicit materialization: a program that ended without reporting one failed
         return run.get_materialize_result(implicit_materialization=False)
 

@@ -753,3 +753,60 @@ def test_alpha_is_composited_as_img2dataset_does_it_in_bounded_memory(tmp_path: 
     print(f"9000 x 9000 RGBA: {above_base_mb} MB above the base")
     assert (width, height, error) == ("512", "512", "None")
     assert int(above_base_mb) < 1536  # the README's bound for one decode at this size
+
+
+def test_an_outage_fails_the_step_with_its_cause_retried_then_a_rerun_gets_every_image(
+    site, tmp_path: Path
+):
+    """Through Dagster: the image server down, the download step fails with the program's own
+    reason (the outage and its counts), and is retried by the retry policy, as a transient
+    failure; with the server back, the next materialization downloads every image, each once."""
+    import functools
+
+    import dagster as dg
+
+    from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
+    from coyo_platform.assets.downloaded_shards import downloaded_shards
+    from coyo_platform.definitions import local_resources
+    from coyo_platform_tests.conftest import LOOPBACK, expected_outcomes
+
+    port = free_port()
+    source = tmp_path / "source"
+    demo.write_parts(source, site.images, site.items, f"http://127.0.0.1:{port}", 1, 10)
+    resources = local_resources(source=str(source), data_root=str(tmp_path / "data"))
+    settings = {
+        "processes_count": 1, "thread_count": 4, "number_sample_per_shard": 5,
+        "allow_networks": [LOOPBACK], "shard_retries": 0, "outage_backoff": 0.0,
+    }  # fmt: skip
+    config = {"ops": {"downloaded_shards": {"config": settings}}}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", ["part-00000"])
+        down = dg.materialize(
+            [coyo700m_metadata, downloaded_shards], partition_key="part-00000",
+            instance=instance, resources=resources, run_config=config, raise_on_error=False,
+        )  # fmt: skip
+        assert not down.success
+        [failure] = [e.step_failure_data for e in down.all_events if e.is_step_failure]
+        said = failure.user_failure_data.description
+        assert said.startswith("download: RuntimeError: 0 of 2 shards finished")
+        assert "rows failed transiently (download: connection refused" in said
+        retried = instance.all_logs(down.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
+        assert [e.step_key for e in retried] == ["downloaded_shards"] * 2  # the policy's 2
+        assert not list((tmp_path / "data" / "downloaded_shards").rglob("*_stats.json"))
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=site.images)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            up = dg.materialize(
+                [downloaded_shards], partition_key="part-00000", instance=instance,
+                resources=resources, run_config=config,
+            )  # fmt: skip
+        finally:
+            server.shutdown()
+            server.server_close()
+    [done] = up.asset_materializations_for_node("downloaded_shards")
+    part = pl.read_parquet(next(source.glob("part-00000*.parquet")))
+    assert done.metadata["succeeded"].value == expected_outcomes(part, site.items)["photo"] > 0
+    rows = _rows(tmp_path / "data" / "downloaded_shards" / "part-00000")
+    assert sorted(rows["id"]) == sorted(part["id"])  # every row once

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,9 @@ class Reporter:
 #: A Pipes custom message of this form says the program stopped on bad input or mismatched state:
 #: ``{FAILURE: "what, why, what to do"}``; the compute seam raises it as a failure not retried.
 FAILURE = "coyo_failure"
+#: ... and this one that it stopped on anything else (an outage, a dead machine's shards): a
+#: failure that Dagster's retry policy retries, with the program's own message.
+ERROR = "coyo_error"
 
 
 def _pipes_channels() -> dict[str, Any]:
@@ -94,13 +98,17 @@ def open_reporter() -> Iterator[Reporter]:
     """Pipes when this process was launched through Dagster Pipes, else the terminal. A final
     error (:data:`FINAL_ERRORS`) ends the program: through Pipes as a :data:`FAILURE` message
     (exit 0, no materialization: Dagster fails the step without retrying it), from a shell as one
-    ``error:`` line and exit status 2."""
+    ``error:`` line and exit status 2. Through Pipes any other error is an :data:`ERROR` message
+    (its traceback in the log): the step fails with the program's own message, and is retried."""
     if PipesEnvVarParamsLoader().is_dagster_pipes_process():
         with open_dagster_pipes(**_pipes_channels()) as pipes:
             try:
                 yield Reporter(pipes)
             except FINAL_ERRORS as exc:
                 pipes.report_custom_message({FAILURE: str(exc)})
+            except Exception as exc:  # noqa: BLE001 - reported whole, then retried by Dagster
+                pipes.log.error(traceback.format_exc())
+                pipes.report_custom_message({ERROR: f"{type(exc).__name__}: {exc}"})
     else:
         try:
             yield Reporter(None)
