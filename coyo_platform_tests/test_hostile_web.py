@@ -810,3 +810,48 @@ def test_an_outage_fails_the_step_with_its_cause_retried_then_a_rerun_gets_every
     assert done.metadata["succeeded"].value == expected_outcomes(part, site.items)["photo"] > 0
     rows = _rows(tmp_path / "data" / "downloaded_shards" / "part-00000")
     assert sorted(rows["id"]) == sorted(part["id"])  # every row once
+
+
+def test_an_outage_in_the_middle_of_a_shard_is_not_committed_and_is_redone(web, tmp_path: Path):
+    """The server answers the first 3 requests, then 503 for the next 7 (an outage mid-shard),
+    then recovers: the shard is not committed with 7 lost rows; it is redone after the backoff,
+    whole, every row a success, each once."""
+    files, _, _, _ = web
+    answered, lock = Counter(), threading.Lock()
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            with lock:
+                answered["n"] += 1
+                n = answered["n"]
+            if 3 < n <= 10:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(files.photo)))
+            self.end_headers()
+            self.wfile.write(files.photo)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server, base = _serve(WEB_HOST, Flaky)
+    try:
+        rows = [(f"{base}/{i}.jpg", files.phash["photo"], "", "") for i in range(10)]
+        part = _part(tmp_path, rows)
+        cmd = _outage_cmd(part, tmp_path / "out")
+        cmd[cmd.index("--number-sample-per-shard") + 1] = "10"
+        cmd += ["--thread-count", "1"]  # one request at a time: the counts above are exact
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "7 of 10 rows failed transiently (download: http 503 7)" in done.stderr
+    assert "trying again in 0.2 s" in done.stderr
+    got = _rows(tmp_path / "out")
+    assert got["status"].to_list() == ["success"] * 10
+    assert sorted(got["id"]) == sorted(pl.read_parquet(part)["id"])
+    assert sorted(_tar_ids(tmp_path / "out")) == sorted(got["id"])
+    assert answered["n"] == 20  # 10 in the outage's try, 10 in the redo
