@@ -43,7 +43,11 @@ from coyo_platform.sample.rules import Sampling
 #: The run's flags: (asset, its stage's settings, the settings offered as flags).
 FLAGS = (
     ("coyo700m_metadata", IngestSettings, ("limit",)),
-    ("downloaded_shards", DownloadSettings, ("image_size", "allow_networks", "drop_drifted")),
+    (
+        "downloaded_shards",
+        DownloadSettings,
+        ("image_size", "allow_networks", "drop_drifted", "shard_retries", "outage_backoff"),
+    ),
     ("labeled_shards", LabelSettings, ("model", "checkpoint", "preset", "precision")),
     (
         "subset_plan",

@@ -81,3 +81,51 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path, flags: list[st
     assert done.returncode != 0
     assert message in done.stderr
     assert not (tmp_path / "h").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_image_server_down_fails_the_run_in_one_line_and_a_rerun_gets_the_images(
+    site, tmp_path: Path
+):
+    """``coyo-platform run`` with every image URL unreachable: the download step fails (after
+    the retry policy's tries), one line naming the outage, exit 1, nothing marked done. The same
+    command with the server back downloads, labels and keeps the images."""
+    import functools
+    import http.server
+    import threading
+
+    from coyo_platform import demo
+    from coyo_platform_tests.conftest import LOOPBACK, free_port
+
+    port = free_port()
+    source = tmp_path / "source"
+    demo.write_parts(source, site.images, site.items, f"http://127.0.0.1:{port}", 1, 12)
+    cmd = [
+        str(BIN / "coyo-platform"), "run", "--source", str(source), "--parts", "part-00000",
+        "--data-root", str(tmp_path / "data"), "--model", demo.DEMO_MODEL,
+        "--checkpoint", str(site.checkpoint), "--preset", "timm", "--allow-networks", LOOPBACK,
+        "--shard-retries", "0", "--outage-backoff", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
+    down = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert down.returncode == 1
+    [failed] = [line for line in down.stderr.splitlines() if "FAILED" in line]
+    assert failed.startswith("[part-00000] downloaded_shards FAILED after")
+    assert "rows failed transiently (download: connection refused" in failed
+    assert "likely cause: the network" in failed
+    assert not list((tmp_path / "data" / "downloaded_shards").rglob("*_stats.json"))
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=site.images)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert up.returncode == 0, up.stdout + up.stderr
+    subset = pl.read_parquet(tmp_path / "data" / "coyo_labeled_300m" / "part-00000.parquet")
+    downloads = pl.read_parquet(
+        tmp_path / "data" / "downloaded_shards" / "part-00000" / "*.parquet"
+    )
+    assert downloads.filter(pl.col("status") == "success").height > 0
+    assert subset.height > 0 and subset["id"].is_unique().all()

@@ -855,3 +855,46 @@ def test_an_outage_in_the_middle_of_a_shard_is_not_committed_and_is_redone(web, 
     assert sorted(got["id"]) == sorted(pl.read_parquet(part)["id"])
     assert sorted(_tar_ids(tmp_path / "out")) == sorted(got["id"])
     assert answered["n"] == 20  # 10 in the outage's try, 10 in the redo
+
+
+FLAPPING_RESOLVER = """
+import socket, threading
+_real, _lock, _calls = socket.getaddrinfo, threading.Lock(), [0]
+def _flapping(host, *args, **kwargs):
+    if host != "flaky.test":
+        return _real(host, *args, **kwargs)
+    with _lock:
+        _calls[0] += 1
+        n = _calls[0]
+    with open(__import__("os").environ["COYO_TEST_RESOLVER_LOG"], "a") as log:
+        log.write("fail\\n" if n % 2 else "ok\\n")
+    if n % 2:  # every other answer: "temporary failure in name resolution"
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    return _real("127.0.0.2", *args, **kwargs)
+socket.getaddrinfo = _flapping
+"""
+
+
+def test_a_flapping_resolver_is_a_transient_failure_and_a_retry_recovers_it(web, tmp_path: Path):
+    """A stub resolver that fails every other lookup (EAI_AGAIN): each such failure is
+    transient, the fetch tries again (``retries`` 1) and gets the image; every row a success."""
+    files, urls, _, _ = web
+    port = urls["web"].rsplit(":", 1)[1]
+    rows = [
+        (f"http://flaky.test:{port}/photo.jpg?{i}", files.phash["photo"], "", "") for i in range(6)
+    ]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FLAPPING_RESOLVER)
+    log = tmp_path / "resolver.log"
+    env = {**os.environ, "PYTHONPATH": str(hook), "COYO_TEST_RESOLVER_LOG": str(log)}
+    cmd = download_cmd(
+        _part(tmp_path, rows), tmp_path / "out", "--thread-count", "1", "--retries", "1",
+        "--number-sample-per-shard", "6", "--allow-networks", f"{WEB_HOST}/32",
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = _rows(tmp_path / "out")
+    assert got["status"].to_list() == ["success"] * 6
+    assert sorted(_tar_ids(tmp_path / "out")) == sorted(got["id"])
+    assert log.read_text().split() == ["fail", "ok"] * 6  # each URL: one failure, one answer
