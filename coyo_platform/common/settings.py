@@ -18,6 +18,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from coyo_platform.common.provenance import BadInput
+
 HELP, CHOICES = "help", "choices"
 
 
@@ -100,8 +102,6 @@ def _comma_list(scalar: type):
 def from_arguments(cls: type, args: argparse.Namespace) -> Any:
     """The settings the parsed command line gives (``BadInput``, a ``ValueError``, for a bad
     value)."""
-    from coyo_platform.common.provenance import BadInput
-
     try:
         return cls(**{field.name: getattr(args, field.name) for field, _ in fields_of(cls)})
     except BadInput:

@@ -57,16 +57,11 @@ def set_current_labels(sets: Storage, key: str, record: dict) -> None:
     sets.write_json(layout.current_in(sets.root, key), record)
 
 
-def labels_folder(store: Storage, key: str) -> str | None:
-    """The folder of the partition's current labels (None: never labeled)."""
-    labeler = current_labeler(store, key)
-    return layout.labels(store, key, labeler) if labeler else None
-
-
-def unlabeled(store: Storage, key: str) -> list[str]:
-    """Finished shards of the partition without labels in its current label set."""
-    folder = labels_folder(store, key)
-    done = labeled(store, folder) if folder else set()
+def unlabeled(store: Storage, key: str, labeler: str | None = None) -> list[str]:
+    """Finished shards of the partition without labels in ``labeler``'s set (default: its
+    current one)."""
+    labeler = labeler or current_labeler(store, key)
+    done = labeled(store, layout.labels(store, key, labeler)) if labeler else set()
     return [s for s in finished(store, layout.shards(store, key)) if s not in done]
 
 
@@ -89,7 +84,7 @@ def labeling_todo(store: Storage, key: str) -> LabelingTodo:
         made = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
         settings = (made or {}).get("settings")
     downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
-    missing = unlabeled(store, key)
+    missing = unlabeled(store, key, labeler)
     made_from = provenance.identity(downloads) if downloads else None
     return LabelingTodo(missing, settings, provenance.digest([missing, made_from, labeler]))
 

@@ -187,7 +187,11 @@ class Storage:
         return meta.num_rows, pairs
 
     def read_json_if_exists(self, url: str) -> Any | None:
-        return self.read_json(url) if self.exists(url) else None
+        """The JSON at ``url``, or None where there is none (one request, not two)."""
+        try:
+            return self.read_json(url)
+        except FileNotFoundError:
+            return None
 
     def remove(self, url: str) -> bool:
         """Delete a file or a folder (with what it holds); whether there was one."""

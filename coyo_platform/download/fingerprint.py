@@ -78,7 +78,7 @@ def check_folder(store: Storage, folder: str, wanted: dict[str, Any]) -> dict[st
     recorded = store.read_json_if_exists(record_url(folder))
     if recorded is None:  # shards without a record: made by an older version, or by img2dataset
         raise provenance.Mismatch(
-            f"{folder}", "fingerprint", "none (shards from an older version or another "
+            folder, "fingerprint", "none (shards from an older version or another "
             "tool)", "this run's", start_over(folder)
         )  # fmt: skip
     what = f"the downloaded shards in {folder}"

@@ -116,12 +116,12 @@ class LabelSummary:
         }
 
 
-def shards_to_label(source: Storage, out: Storage, log: logging.Logger) -> tuple[list[str], int]:
-    """The tars under ``source`` that are finished (img2dataset's ``_stats.json``, when the
-    folder has any) and have no parquet under ``out``; and how many are labeled already."""
-    tars = shards.tars(source, source.root)
-    if not tars:
-        raise FileNotFoundError(f"no shards (*.tar) under {source.root}: download them first")
+def shards_to_label(
+    source: Storage, out: Storage, log: logging.Logger, tars: list[str]
+) -> tuple[list[str], int]:
+    """Of ``tars`` (under ``source``), those that are finished (img2dataset's ``_stats.json``,
+    when the folder has any) and have no parquet under ``out``; and how many are labeled
+    already."""
     finished = set(shards.finished(source, source.root))
     if finished:  # img2dataset's folder: a shard is whole once its _stats.json is written
         waiting = [t for t in tars if layout.shard_name(t) not in finished]
@@ -256,7 +256,8 @@ def label_shards(
     began = time.monotonic()
     source, root = Storage(shards_dir), Storage(labels_root)
     part = part or source.root.rstrip("/").rsplit("/", 1)[-1]
-    if not shards.tars(source, source.root):
+    tars = shards.tars(source, source.root)
+    if not tars:
         raise provenance.MissingInput(f"no shards (*.tar) under {source.root}: download them first")
     device = settings.resolved_device()
     try:
@@ -269,7 +270,7 @@ def label_shards(
     labeled = labeler.labeler_id(fingerprint)
     out = _label_set(root, labeled, fingerprint, part, settings)
     downloads = _check_downloads(source, out, part)
-    todo, skipped = shards_to_label(source, out, log)
+    todo, skipped = shards_to_label(source, out, log, tars)
     summary = LabelSummary(shards_skipped=skipped, labeler=labeled, fingerprint=fingerprint)
     summary.folder, summary.downloads = out.root, downloads
     log.info(f"labeler {labeled}: {len(todo) + skipped} shards, {skipped} already labeled")

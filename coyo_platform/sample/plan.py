@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from coyo_platform.common import layout
+from coyo_platform.common.provenance import digest
 from coyo_platform.common.storage import Storage
 from coyo_platform.sample.rules import (
     DEFAULT_THRESHOLD,
@@ -23,7 +24,6 @@ from coyo_platform.sample.rules import (
     above,
     apply_caps,
     class_cutoffs,
-    digest,
     drop_duplicates,
     find_duplicates,
     in_bins,

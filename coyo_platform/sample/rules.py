@@ -31,8 +31,6 @@ over the labels. Imports no ``dagster``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -263,7 +261,3 @@ def apply_caps(frame: pl.LazyFrame, cutoffs: pl.DataFrame | None) -> pl.LazyFram
         | ((pl.col("top1") == pl.col("cut_top1")) & (pl.col("id") <= pl.col("cut_id")))
     )
     return joined.filter(keep).drop("cut_top1", "cut_id")
-
-
-def digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
