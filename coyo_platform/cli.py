@@ -46,7 +46,14 @@ FLAGS = (
     (
         "downloaded_shards",
         DownloadSettings,
-        ("image_size", "allow_networks", "drop_drifted", "shard_retries", "outage_backoff"),
+        (
+            "image_size",
+            "allow_networks",
+            "drop_drifted",
+            "shard_retries",
+            "outage_backoff",
+            "retry_failed",
+        ),
     ),
     ("labeled_shards", LabelSettings, ("model", "checkpoint", "preset", "precision")),
     (

@@ -43,6 +43,17 @@ coyo_pipeline = dg.define_asset_job(
     description="Metadata, download, labels, stats and subset for the selected COYO parts.",
 )
 
+#: The transient failures of finished shards fetched again (``retry_failed``), from the UI: launch
+#: it for one partition or backfill it over many; the sensor then labels the new images. The
+#: download settings that change the bytes are the partition's own, whatever this config says.
+coyo_retry_failed = dg.define_asset_job(
+    "coyo_retry_failed",
+    selection=[downloaded_shards],
+    config={"ops": {"downloaded_shards": {"config": {"retry_failed": True}}}},
+    description="Fetch again the rows of finished shards that failed transiently (timeouts, "
+    "5xx, resets, DNS hiccups); the shards gain those images, nothing else is fetched.",
+)
+
 
 def local_resources(source: str | None = None, data_root: str | None = None) -> dict:
     """Embedded defaults: ``COYO_SOURCE`` (else the hub), ``COYO_DATA_ROOT`` (else ./data)."""
@@ -87,7 +98,7 @@ def resources_for(env: str | None = None) -> dict:
 defs = dg.Definitions(
     assets=[*PIPELINE, *ROLLUPS, *COMPARISONS],
     asset_checks=CHECKS,
-    jobs=[coyo_pipeline, coyo_ingest, coyo_label],
+    jobs=[coyo_pipeline, coyo_ingest, coyo_label, coyo_retry_failed],
     sensors=[coyo_parts_sensor, unlabeled_shards_sensor],
     resources=resources_for(),
 )

@@ -81,3 +81,18 @@ def test_download_benchmark_prints_both_engines_and_the_ratio():
         [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
         assert "peak RSS" in line
     assert any(ln.startswith("ours / img2dataset (images per second): ") for ln in lines)
+
+
+def test_download_soak_prints_its_figures_and_loses_nothing():
+    """The soak in small: hostile rows, transient ones and an outage; every id once."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/download.py", "--soak", "--quick", "--transient", "0.05"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for line in ("first run:", "retry run:", "rows recovered", "img/s", "peak RSS"):
+        assert line in done.stdout
+    assert "every id once: True" in done.stdout
+    assert "every image once in the tars: True" in done.stdout

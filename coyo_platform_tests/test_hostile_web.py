@@ -898,3 +898,149 @@ def test_a_flapping_resolver_is_a_transient_failure_and_a_retry_recovers_it(web,
     assert got["status"].to_list() == ["success"] * 6
     assert sorted(_tar_ids(tmp_path / "out")) == sorted(got["id"])
     assert log.read_text().split() == ["fail", "ok"] * 6  # each URL: one failure, one answer
+
+
+def crafted_tiff(big: int = 32768, small: int = 256) -> bytes:
+    """The review's crafted BigTIFF: ImageWidth and ImageLength each twice, SLONG8 ``big`` first,
+    then SHORT ``small``. Pillow skips the SLONG8 entries and reads ``small`` x ``small``;
+    libtiff, under OpenCV, keeps them: ``big`` x ``big``. 336 bytes."""
+    import struct
+    import zlib
+
+    strip = zlib.compress(b"\0" * (small * small), 9)
+    entries = [
+        (256, 17, big), (256, 3, small), (257, 17, big), (257, 3, small),  # width, length
+        (258, 3, 8), (259, 3, 8), (262, 3, 1),  # 8 bits, deflate, grey
+        (273, 16, None), (277, 3, 1), (278, 3, big), (279, 16, len(strip)),  # one strip
+    ]  # fmt: skip
+    ifd_at = 16
+    data_at = ifd_at + 8 + 20 * len(entries) + 8
+    out = bytearray(
+        b"II" + struct.pack("<HHHQ", 43, 8, 0, ifd_at) + struct.pack("<Q", len(entries))
+    )
+    for tag, kind, value in entries:
+        value = data_at if value is None else value
+        packed = struct.pack("<q" if kind == 17 else "<Q", value) if kind in (16, 17) else None
+        out += struct.pack("<HHQ", tag, kind, 1) + (packed or struct.pack("<H6x", value))
+    return bytes(out + struct.pack("<Q", 0) + strip)
+
+
+def test_the_crafted_tiff_is_refused_before_any_decode(tmp_path: Path):
+    """The TIFF that Pillow reads as 256 x 256 and OpenCV as 32768 x 32768 (2.8 GB once decoded
+    by img2dataset's resizer): refused from its header, by format; and OpenCV, with the pool
+    processes' limit, refuses it too rather than decode it."""
+    from coyo_platform.download.inspect import inspect
+
+    data = crafted_tiff()
+    assert Image.open(io.BytesIO(data)).size == (256, 256)  # Pillow's view
+    got = inspect(data, None, 89_478_485)
+    assert (got.status, got.message) == ("not_an_image", "not an image: format TIFF refused")
+    (tmp_path / "crafted.tif").write_bytes(data)
+    script = (
+        "import cv2, numpy, sys\n"
+        "data = numpy.fromfile(sys.argv[1], numpy.uint8)\n"
+        "try:\n    cv2.imdecode(data, cv2.IMREAD_UNCHANGED)\n"
+        "except cv2.error as exc:\n    print(str(exc).splitlines()[-1][:200])\n"
+    )
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "89478485"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "crafted.tif")],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert "pixels <= CV_IO_MAX_IMAGE_PIXELS" in done.stdout  # OpenCV's view: 32768 x 32768
+
+
+def _large_images(folder: Path, side: int) -> dict[str, bytes]:
+    """Images of ``side`` x ``side`` pixels that compress well (a few MB at most on the wire):
+    8-bit and 16-bit RGBA PNGs, a JPEG and a WebP."""
+    import cv2
+    import numpy as np
+
+    y, x = np.mgrid[0:side, 0:side]
+    rgba = np.stack([x // 16 % 256, y // 16 % 256, (x + y) // 32 % 256, x // 64 % 256], -1)
+    bgra = rgba.astype(np.uint8)[..., [2, 1, 0, 3]]
+    files = {
+        "rgba.png": cv2.imencode(".png", bgra)[1],
+        "rgba16.png": cv2.imencode(".png", bgra.astype(np.uint16) * 257)[1],
+        "big.jpg": cv2.imencode(".jpg", bgra[..., :3], [cv2.IMWRITE_JPEG_QUALITY, 50])[1],
+        "big.webp": cv2.imencode(".webp", bgra[..., :3], [cv2.IMWRITE_WEBP_QUALITY, 10])[1],
+    }
+    return {name: data.tobytes() for name, data in files.items()}
+
+
+def _silent(*args: object) -> None:
+    pass
+
+
+def _peak_rss_mb(cmd: list[str]) -> float:
+    """Run ``cmd``; the largest peak RSS (MB) of any one process it started, itself included
+    (``RUSAGE_CHILDREN`` of a fresh parent: the maximum over its waited-for descendants)."""
+    script = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stderr.write(done.stderr[-3000:])\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True)
+    code, peak = done.stdout.split()
+    assert code == "0", done.stderr
+    return float(peak)
+
+
+#: README's bound on one download process's memory, above its footprint on ordinary images:
+#: the bytes in flight (2 x thread_count x max_bytes) and RSS_PER_MAX_PIXEL bytes per pixel of
+#: max_pixels (decodes share a budget of max_pixels pixels per process: one image at the limit
+#: at a time, its decode, grey copy or composite, and what the resizer makes of it).
+RSS_PER_MAX_PIXEL = 20
+
+
+def test_a_download_process_stays_within_the_stated_memory_bound_on_a_hostile_part(
+    tmp_path: Path,
+):
+    """16 threads on a part of images at the pixel limit (8- and 16-bit RGBA PNGs, JPEGs,
+    WebPs), crafted TIFFs and bombs: the peak RSS of the largest download process stays
+    within README's bound above the same program's peak on ordinary photos."""
+    side, threads, max_bytes = 4000, 16, 4 * 1024 * 1024
+    max_pixels = side * side
+    images = tmp_path / "images"
+    images.mkdir()
+    demo.write_images(images)
+    for name, data in _large_images(images, side).items():
+        (images / name).write_bytes(data)
+    (images / "crafted.tif").write_bytes(crafted_tiff())
+    (images / "bomb.png").write_bytes(_png(Image.new("1", (side + 1, side))))
+    hostile = ["rgba.png", "rgba16.png", "big.jpg", "big.webp"] * 10 + ["crafted.tif"] * 4
+    hostile += ["bomb.png"] * 4
+
+    import functools
+
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": _silent})
+    server, base = _serve(WEB_HOST, functools.partial(quiet, directory=images))
+    try:
+        peaks, statuses = {}, {}
+        for run, names in (("ordinary", ["astronaut.jpg"] * len(hostile)), ("hostile", hostile)):
+            rows = [(f"{base}/{name}?{i}", None, "", "") for i, name in enumerate(names)]
+            out = tmp_path / run
+            cmd = download_cmd(
+                _part(tmp_path, rows), out, "--thread-count", str(threads),
+                "--number-sample-per-shard", str(len(rows)), "--max-pixels", str(max_pixels),
+                "--max-bytes", str(max_bytes), "--allow-networks", f"{WEB_HOST}/32",
+            )  # fmt: skip
+            peaks[run] = _peak_rss_mb(cmd)
+            statuses[run] = _rows(out)
+    finally:
+        server.shutdown()
+        server.server_close()
+    got = statuses["hostile"].with_columns(pl.col("url").str.extract(r"/([\w.]+)\?").alias("file"))
+    outcome = dict(got.group_by("file", "status").len().select("file", "status").iter_rows())
+    assert outcome == {
+        "rgba.png": "success", "rgba16.png": "success", "big.jpg": "success",
+        "big.webp": "success", "crafted.tif": "not_an_image", "bomb.png": "decompression_bomb",
+    }  # fmt: skip
+    bound_mb = (2 * threads * max_bytes + RSS_PER_MAX_PIXEL * max_pixels) / 2**20
+    above = peaks["hostile"] - peaks["ordinary"]
+    print(
+        f"peak RSS: ordinary {peaks['ordinary']:.0f} MB, hostile {peaks['hostile']:.0f} MB: "
+        f"{above:.0f} MB above, bound {bound_mb:.0f} MB"
+    )
+    assert above <= bound_mb

@@ -39,14 +39,17 @@ def downloaded_shards(
     settings = settings_or_fail(config, "downloaded_shards")
     store, key = storage.store(), context.partition_key
     metadata, folder = layout.metadata(store, key), layout.shards(store, key)
+    values = config.model_dump()
+    settings, taken = fingerprint.for_retry(store, folder, settings)
+    if taken:  # a recovery rewrites shards as they were made
+        values.update({k: recorded for k, (_, recorded) in taken.items()})
+        context.log.info(f"retry_failed: the partition's own settings are kept: {sorted(taken)}")
     try:  # here, before a program or a task starts: a mismatch is not retried
         fingerprint.check_folder(store, folder, fingerprint.current(store, metadata, settings))
     except provenance.Mismatch as err:
         raise bad_input(f"downloaded_shards[{key}]: {err}") from err
     args = ["--metadata", metadata, "--output", folder]
-    return compute.run_program(
-        context, "download", args + to_arguments(config.model_dump()), env=store.env()
-    )
+    return compute.run_program(context, "download", args + to_arguments(values), env=store.env())
 
 
 #: Below this share of URLs downloaded, suspect the network (DNS, a blocked egress) rather than link

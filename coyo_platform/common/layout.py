@@ -4,8 +4,10 @@ its asset::
     <root>/coyo700m_metadata/<part>.parquet
     <root>/downloaded_shards/<part>/NNNNN.tar|.parquet|_stats.json    (img2dataset's layout)
     <root>/downloaded_shards/<part>/_fingerprint.json                  (source part, settings)
+    <root>/downloaded_shards/<part>/_revisions.json      (shards rewritten by retry_failed)
     <root>/labeled_shards/<labeler id>/<part>/NNNNN.parquet, <root>/labeled_shards/<labeler id>/
         _labeler.json, <root>/labeled_shards/_current/<part>.json        (one set per labeler)
+    <root>/labeled_shards/<labeler id>/<part>/_revisions.json   (the revision each was labeled at)
     <root>/label_stats/<part>.json|.index.parquet|.png, _all_partitions.json|.png, _classes.parquet
     <root>/subset_plan/plan.json, <root>/subset_plan/<plan id>/duplicates/NNNNN.parquet,
         <root>/subset_plan/<plan id>/class_cutoffs.parquet
@@ -38,6 +40,7 @@ AGREEMENT = "label_agreement"
 FINGERPRINT = "_fingerprint.json"  # a downloaded-shards folder's (download/fingerprint.py)
 LABELER_FILE = "_labeler.json"
 CURRENT = "_current"
+REVISIONS = "_revisions.json"  # shards rewritten by retry_failed: {shard: revision}
 STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
 ROLLUP = "_all_partitions"
 PLAN_FILE = "plan.json"
@@ -91,6 +94,11 @@ def labelers(store: Storage) -> list[str]:
 def download_record(folder: str) -> str:
     """A downloaded-shards folder's fingerprint (``download/fingerprint.py``)."""
     return f"{folder.rstrip('/')}/{FINGERPRINT}"
+
+
+def revisions(folder: str) -> str:
+    """A shards or labels folder's record of its shards' revisions (``download/recover.py``)."""
+    return f"{folder.rstrip('/')}/{REVISIONS}"
 
 
 def shard_file(folder: str, shard: str, suffix: str) -> str:

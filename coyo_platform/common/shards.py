@@ -15,6 +15,7 @@ done when its parquet exists (written whole, ``label/writer.py``).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -35,6 +36,29 @@ def finished(store: Storage, folder: str) -> list[str]:
     """Names (``00000``) of the shards finished in a downloaded-shards ``folder`` (any URL)."""
     done = store.glob(layout.shard_file(folder, "*", layout.STATS_DONE))
     return sorted(layout.shard_name(p) for p in done)
+
+
+def revisions(store: Storage, folder: str) -> dict[str, int]:
+    """A shards or labels folder's record of its revised shards, ``{"00003": 1}`` (shards not
+    named are at revision 0): for a shards folder, the shards ``retry_failed`` rewrote (written
+    by the download program after each); for a labels folder, the revision each shard was
+    labeled at. One read: what the sensor asks every tick."""
+    return store.read_json_if_exists(layout.revisions(folder)) or {}
+
+
+def shard_revisions(store: Storage, folder: str, names: list[str]) -> dict[str, int]:
+    """The revisions of finished shards ``names``, read from their ``_stats.json`` (where the
+    download program writes it with the shard itself; one batched read), those above 0 only."""
+    if not names:
+        return {}
+    urls = [layout.shard_file(folder, n, layout.STATS_DONE) for n in names]
+    found = store.fs.cat(urls)
+    revised = {}
+    for url, data in found.items():
+        revision = json.loads(data).get("revision", 0)
+        if revision:
+            revised[layout.shard_name(url)] = int(revision)
+    return revised
 
 
 def labeled(store: Storage, folder: str) -> set[str]:
@@ -59,10 +83,17 @@ def set_current_labels(sets: Storage, key: str, record: dict) -> None:
 
 def unlabeled(store: Storage, key: str, labeler: str | None = None) -> list[str]:
     """Finished shards of the partition without labels in ``labeler``'s set (default: its
-    current one)."""
+    current one), or labeled before ``retry_failed`` added images to them."""
     labeler = labeler or current_labeler(store, key)
-    done = labeled(store, layout.labels(store, key, labeler)) if labeler else set()
-    return [s for s in finished(store, layout.shards(store, key)) if s not in done]
+    folder = layout.labels(store, key, labeler) if labeler else None
+    done = labeled(store, folder) if folder else set()
+    revised = revisions(store, layout.shards(store, key))
+    labeled_at = revisions(store, folder) if folder and revised else {}
+    return [
+        s
+        for s in finished(store, layout.shards(store, key))
+        if s not in done or revised.get(s, 0) > labeled_at.get(s, 0)
+    ]
 
 
 @dataclass
@@ -134,8 +165,7 @@ def label_coverage(store: Storage, key: str) -> Coverage:
     _, downloaded = download_counts(store, key, done)
     files = label_files(store, key)
     rows = store.scan_parquet(files).select(pl.len()).collect().item() if files else 0
-    present = {layout.shard_name(f) for f in files}
-    return Coverage(downloaded, int(rows), [s for s in done if s not in present])
+    return Coverage(downloaded, int(rows), unlabeled(store, key))  # or labeled before a retry
 
 
 def label_files(store: Storage, key: str, labeler: str | None = None) -> list[str]:

@@ -108,12 +108,13 @@ class Storage:
         """Environment for a program that reads and writes this root (the endpoint, if set)."""
         return {"AWS_ENDPOINT_URL": self.endpoint_url} if self.endpoint_url else {}
 
-    def scan_parquet(self, urls: str | list[str]) -> pl.LazyFrame:
-        """``pl.scan_parquet`` with this root's endpoint and retry settings."""
+    def scan_parquet(self, urls: str | list[str], **kwargs: Any) -> pl.LazyFrame:
+        """``pl.scan_parquet`` with this root's endpoint and retry settings (``kwargs``: its
+        other options)."""
         options: dict[str, Any] = dict(POLARS_RETRY_OPTIONS)
         if self.endpoint_url:
             options["aws_endpoint_url"] = self.endpoint_url
-        return pl.scan_parquet(urls, storage_options=options)
+        return pl.scan_parquet(urls, storage_options=options, **kwargs)
 
     def url(self, *parts: str) -> str:
         """The URL of ``parts`` joined below the root."""

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import-time update check goes online
+# img2dataset's package imports webdataset, which imports torch when it can (500 MB and a second
+# in every download process) and works without it; a download never uses it
+sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 from coyo_platform.common import settings as declared  # noqa: E402
 from coyo_platform.common.reporting import open_reporter  # noqa: E402
@@ -48,9 +52,21 @@ def main(argv: list[str] | None = None) -> None:
     with open_reporter() as report:  # bad settings are reported through Pipes too
         settings = declared.from_arguments(DownloadSettings, args)
         report.log.info(f"downloading {args.metadata} -> {args.output}")
+        out = Storage(args.output)
+        settings, taken = fingerprint.for_retry(out, out.root, settings)
+        if taken:  # a recovery rewrites shards as they were made
+            kept = ", ".join(f"{k}={v[1]!r} (not {v[0]!r})" for k, v in sorted(taken.items()))
+            report.log.info(f"retry_failed: the partition's own settings are kept: {kept}")
         done = {"shards": 0, "rows": 0, "ok": 0}
 
         def on_shard(shard_id: int, counts: dict[str, int]) -> None:
+            if "retried" in counts:  # retry_failed, a finished shard
+                report.log.info(
+                    f"shard {shard_id:05d}: {counts['recovered']} of {counts['retried']} rows "
+                    f"fetched again are images now, {counts['final']} failed for good"
+                    + (f"; rewritten (revision {counts['revision']})" if counts["revision"] else "")
+                )
+                return
             done["shards"] += 1
             done["rows"] += sum(counts.values())
             done["ok"] += counts.get("success", 0)
@@ -63,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         report.log.info(
             f"{s.succeeded}/{s.attempted} images in {s.shards} shards "
             f"({s.shards_this_run} this run, {s.images_per_second:.1f} img/s); "
-            f"{s.by_status.get('blocked', 0)} blocked; drift rate {s.drift_rate:.2%}"
+            f"{s.by_status.get('blocked', 0)} blocked; drift rate {s.drift_rate:.2%}; "
+            f"{s.transient} transient failures"
+            + (f" ({s.recovered} of {s.retried} recovered this run)" if s.retried else "")
         )
         report.report(
             s.metadata(settings.drift_distance, settings.drop_drifted, settings.image_size),
-            data_version=fingerprint.data_version(out := Storage(args.output), out.root),
+            data_version=fingerprint.data_version(out, out.root),
         )
 
 

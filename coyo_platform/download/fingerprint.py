@@ -6,7 +6,7 @@ its old and new value and the command that starts the partition over. Imports no
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from coyo_platform.common import layout, provenance, shards
@@ -94,6 +94,24 @@ def check_or_record(store: Storage, folder: str, wanted: dict[str, Any]) -> None
         store.write_json(record_url(folder), {**wanted, "made": uuid.uuid4().hex})
 
 
+def for_retry(
+    store: Storage, folder: str, settings: DownloadSettings
+) -> tuple[DownloadSettings, dict[str, tuple[Any, Any]]]:
+    """With ``retry_failed``, the settings a recovery uses: the folder's recorded
+    :data:`OUTPUT_SETTINGS` (a shard is rewritten as it was made, whatever the launchpad's
+    defaults say), this run's for the rest (threads, timeouts, retries, networks). Returns them
+    and what was taken from the record, ``{name: (given, recorded)}``."""
+    if not settings.retry_failed or not shards.finished(store, folder):
+        return settings, {}
+    recorded = store.read_json_if_exists(record_url(folder))
+    if recorded is None or recorded.get("format") != FORMAT:
+        return settings, {}  # check_folder names the problem
+    given = current_settings(settings)
+    taken = {k: (given[k], v) for k, v in recorded["settings"].items() if given.get(k) != v}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, (_, v) in taken.items()}
+    return replace(settings, **values), taken
+
+
 def identity(store: Storage, folder: str) -> str | None:
     """Which download the folder holds (``provenance.identity``; None: no record)."""
     recorded = store.read_json_if_exists(record_url(folder))
@@ -101,5 +119,8 @@ def identity(store: Storage, folder: str) -> str | None:
 
 
 def data_version(store: Storage, folder: str) -> str:
-    """What downstream depends on: which download it is and its finished shards."""
-    return provenance.digest([identity(store, folder), shards.finished(store, folder)])
+    """What downstream depends on: which download it is, its finished shards and their
+    revisions (``retry_failed``)."""
+    parts: list = [identity(store, folder), shards.finished(store, folder)]
+    revised = shards.revisions(store, folder)
+    return provenance.digest(parts + [revised] if revised else parts)

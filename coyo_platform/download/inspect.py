@@ -4,10 +4,12 @@ refused from the header, and the image's pHash is compared with the crawl's ``im
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from coyo_platform.download.statuses import DECOMPRESSION_BOMB, NOT_AN_IMAGE, SUCCESS
@@ -33,9 +35,40 @@ class Fetched:
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP"})
 
 
-#: Full decodes at once per process: a PNG or WebP (no draft mode) of up to ``max_pixels`` takes
-#: about 3 bytes a pixel while hashed; the fetch threads wait here rather than exhaust memory.
-_DECODES = threading.BoundedSemaphore(4)
+class PixelBudget:
+    """Pixels being decoded at once in a process, at most ``limit``: a fetch thread waits until
+    its image fits (one image larger than the whole budget runs alone). Ordinary photos (a few
+    hundred thousand pixels) never wait; images near ``max_pixels`` decode one or two at a
+    time, whatever the thread count, so the decodes' memory is bounded by the limit, not by
+    ``thread_count``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            while self.used and self.used + pixels > self.limit:
+                self._changed.wait()
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+_DECODES: dict[int, PixelBudget] = {}
+_BUDGET_LOCK = threading.Lock()
+
+
+def decode_budget(max_pixels: int) -> PixelBudget:
+    """This process's budget for full decodes (the pHash's here, the composite and resize of
+    ``shard.py``): ``max_pixels`` pixels, so one image at the limit at a time."""
+    with _BUDGET_LOCK:
+        return _DECODES.setdefault(max_pixels, PixelBudget(max_pixels))
 
 
 @functools.cache
@@ -90,8 +123,8 @@ def inspect(data: bytes, crawl_phash: str | None, max_pixels: int) -> Fetched:
                 f"decompression bomb: {width} x {height} pixels, more than {max_pixels:,}",
             )
         try:
-            with _DECODES:
-                img.draft("L", (128, 128))
+            img.draft("L", (128, 128))  # JPEGs: decoded at 1/8 of the size, or less
+            with decode_budget(max_pixels).take(img.size[0] * img.size[1]):
                 out.phash = str(imagehash.phash(img))
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
             return Fetched(-1, None, NOT_AN_IMAGE, f"not an image: {exc}"[:200])

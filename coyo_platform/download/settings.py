@@ -67,6 +67,11 @@ class DownloadSettings:
         2, "tries again for a shard that failed or met an outage, after outage_backoff, doubling"
     )
     outage_backoff: float = setting(30.0, "seconds before a shard is tried again (then doubled)")
+    retry_failed: bool = setting(
+        False,
+        "also fetch again the rows of finished shards that failed transiently; a shard that "
+        "gains images is rewritten whole, its images kept byte for byte",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from coyo_platform.common import layout
 from coyo_platform.common.storage import Storage
 from coyo_platform.download import fetch
-from coyo_platform.download.inspect import Fetched, inspect
+from coyo_platform.download.inspect import Fetched, decode_budget, inspect
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.download.statuses import (
     DRIFTED,
@@ -153,9 +153,15 @@ class ShardDownloader:
             )
 
     def _write(
-        self, shard_id: int, rows: list[dict[str, Any]], schema: pa.Schema, staging: str
+        self,
+        shard_id: int,
+        rows: list[dict[str, Any]],
+        schema: pa.Schema,
+        staging: str,
+        keys: list[str] | None = None,
     ) -> tuple[Counter[str], Counter[str], Counter[str]]:
-        """Every row into the staging folder's tar and parquet, as its fetch comes back."""
+        """Every row into the staging folder's tar and parquet, as its fetch comes back (its
+        sample key img2dataset's, from its place in the shard, or ``keys``' where given)."""
         from img2dataset.writer import WebDatasetSampleWriter
 
         writer = WebDatasetSampleWriter(
@@ -167,7 +173,8 @@ class ShardDownloader:
         with contextlib.closing(self._fetched(rows)) as fetched:
             for got in fetched:
                 row = rows[got.key]
-                image, meta = self._sample(shard_id, row, got)
+                key = keys[got.key] if keys is not None else None
+                image, meta = self._sample(shard_id, row, got, key)
                 counts[meta["status"]] += 1
                 status, message = meta["status"], meta["error_message"]
                 reason = SUCCESS if status == SUCCESS else reason_of(status, message)
@@ -242,12 +249,13 @@ class ShardDownloader:
         return result
 
     def _sample(
-        self, shard_id: int, row: dict[str, Any], got: Fetched
+        self, shard_id: int, row: dict[str, Any], got: Fetched, key: str | None = None
     ) -> tuple[bytes | None, dict[str, Any]]:
         """The resized image (None unless it succeeded) and the row's parquet record."""
         from img2dataset.downloader import compute_key
 
-        key = compute_key(got.key, shard_id, self.oom_sample_per_shard, self.oom_shard_count)
+        if key is None:
+            key = compute_key(got.key, shard_id, self.oom_sample_per_shard, self.oom_shard_count)
         meta = {**row, **{name: None for name, _ in SHARD_COLUMNS}}
         meta.update(
             key=key,
@@ -259,7 +267,9 @@ class ShardDownloader:
         )
         if got.status != SUCCESS:
             return None, meta
-        image, w, h, ow, oh, error = self.resizer(io.BytesIO(matted(got.data)))
+        pixels = got.size[0] * got.size[1] if got.size else 0
+        with decode_budget(self.settings.max_pixels).take(pixels):
+            image, w, h, ow, oh, error = self.resizer(io.BytesIO(matted(got.data)))
         if error is not None:
             meta.update(status=FAILED_TO_RESIZE, error_message=error)
             return None, meta
@@ -322,11 +332,11 @@ def matted(data: bytes) -> bytes:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.ndim != 3 or img.shape[2] != 4:
         return data
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
     out = np.empty((*img.shape[:2], 3), np.uint8)
     for top in range(0, img.shape[0], MATTE_ROWS):
         band = img[top : top + MATTE_ROWS]
+        if band.dtype == np.uint16:  # to 8 bits a band at a time too
+            band = (band >> 8).astype(np.uint8)
         alpha = band[..., 3:4].astype(np.uint32)
         rgb = band[..., :3].astype(np.uint32)
         out[top : top + MATTE_ROWS] = (rgb * alpha + 255 * (255 - alpha) + 127) // 255

@@ -31,10 +31,15 @@ class DownloadSummary:
     drifted: int  # of those, farther than drift_distance
     mean_distance: float | None
     root: str
+    transient: int = 0  # rows whose failure was transient: what retry_failed fetches again
+    retried: int = 0  # this run's retry_failed: rows fetched again,
+    recovered: int = 0  # of them now images,
+    shards_revised: int = 0  # in this many shards rewritten
 
     @property
     def images_per_second(self) -> float:
-        return self.succeeded_this_run / self.seconds if self.seconds > 0 else 0.0
+        images = self.succeeded_this_run + self.recovered
+        return images / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def drift_rate(self) -> float:
@@ -57,6 +62,10 @@ class DownloadSummary:
             "drift_rate": round(self.drift_rate, 4),
             "drift_distance": drift_distance,
             "drifted_dropped": drop_drifted,
+            "transient_failures": self.transient,
+            "retried": self.retried,
+            "recovered": self.recovered,
+            "shards_revised": self.shards_revised,
             "shards": self.shards,
             "shards_this_run": self.shards_this_run,
             "images_per_second": round(self.images_per_second, 2),
@@ -77,6 +86,7 @@ class _Tally:
     compared: int = 0
     drifted: int = 0
     distance_sum: int = 0
+    transient: int = 0
 
 
 def summarize(
@@ -95,6 +105,8 @@ def summarize(
         if "phash_distance" not in rows.columns:  # written by img2dataset itself (no drift check)
             rows = rows.with_columns(phash_distance=pl.lit(None, pl.Int32))
         tally.attempted += rows.height
+        if "transient" in rows.columns:
+            tally.transient += int(rows["transient"].fill_null(False).sum())
         for status, n in rows.group_by("status").len().iter_rows():
             by_status[status] += n
         if name not in before:
@@ -120,4 +132,5 @@ def summarize(
         drifted=tally.drifted,
         mean_distance=tally.distance_sum / tally.compared if tally.compared else None,
         root=store.root,
+        transient=tally.transient,
     )

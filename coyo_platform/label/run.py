@@ -71,6 +71,8 @@ class LabelSummary:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     folder: str = ""
     downloads: str | None = None  # the identity of the downloads labeled
+    written: list[str] = field(default_factory=list)  # the shards written this run
+    shards_relabeled: int = 0  # of them, shards that gained images (retry_failed)
 
     @property
     def images_per_second(self) -> float:
@@ -81,8 +83,11 @@ class LabelSummary:
 
     def data_version(self) -> str:
         """What downstream depends on: the labeler, the downloads and the shards labeled."""
-        labeled = sorted(shards.labeled(Storage(self.folder), self.folder))
-        return provenance.digest([self.labeler, self.downloads, labeled])
+        store = Storage(self.folder)
+        labeled = sorted(shards.labeled(store, self.folder))
+        parts: list = [self.labeler, self.downloads, labeled]
+        revised = shards.revisions(store, self.folder)
+        return provenance.digest(parts + [revised] if revised else parts)
 
     def metadata(self, settings: LabelSettings) -> dict[str, Any]:
         """The materialization's metadata (Pipes' raw form)."""
@@ -96,6 +101,7 @@ class LabelSummary:
             "failed_by_reason": table(counts(dict(self.failed_by_reason), "reason", "images")),
             "shards_labeled": self.shards_done,
             "shards_skipped": self.shards_skipped,
+            "shards_relabeled": self.shards_relabeled,
             "images_per_second": round(self.images_per_second, 2),
             "seconds": round(self.seconds, 2),
             "warmup_seconds": round(self.warmup_seconds, 2),
@@ -116,26 +122,44 @@ class LabelSummary:
         }
 
 
-def shards_to_label(
-    source: Storage, out: Storage, log: logging.Logger, tars: list[str]
-) -> tuple[list[str], int]:
+@dataclass
+class Todo:
+    """What a label run does: the ``tars`` to label, of them those ``relabel``ed (labeled
+    before ``retry_failed`` added images: only the new images are labeled), how many are
+    labeled already, and the revision of each revised shard it reads (``revisions``)."""
+
+    tars: list[str]
+    skipped: int
+    relabel: set[str] = field(default_factory=set)
+    revisions: dict[str, int] = field(default_factory=dict)
+
+
+def shards_to_label(source: Storage, out: Storage, log: logging.Logger, tars: list[str]) -> Todo:
     """Of ``tars`` (under ``source``), those that are finished (img2dataset's ``_stats.json``,
-    when the folder has any) and have no parquet under ``out``; and how many are labeled
-    already."""
-    finished = set(shards.finished(source, source.root))
+    when the folder has any) and have no parquet under ``out``, or one made at an older
+    revision of the shard (``_stats.json``'s, read before the tar, so a shard rewritten while
+    it is read is labeled again next time)."""
+    finished = shards.finished(source, source.root)
     if finished:  # img2dataset's folder: a shard is whole once its _stats.json is written
-        waiting = [t for t in tars if layout.shard_name(t) not in finished]
+        waiting = [t for t in tars if layout.shard_name(t) not in set(finished)]
         if waiting:
             log.info(f"{len(waiting)} shards still being written (no _stats.json): left for later")
-        tars = [t for t in tars if layout.shard_name(t) in finished]
+        tars = [t for t in tars if layout.shard_name(t) in set(finished)]
+    revised = shards.shard_revisions(source, source.root, finished)
+    labeled_at = shards.revisions(out, out.root)
     done = shards.labeled(out, out.root)
-    todo = [t for t in tars if layout.shard_name(t) not in done]
+    relabel = {
+        n for n in done if revised.get(n, 0) > labeled_at.get(n, 0)
+    }  # fmt: skip
+    todo = [t for t in tars if layout.shard_name(t) not in done or layout.shard_name(t) in relabel]
+    if relabel:
+        log.info(f"{len(relabel)} shards gained images (retry_failed): labeling those images")
     # a run killed while writing a shard's parquet left its temporary file (local disk only)
     targets = [layout.shard_file(out.root, layout.shard_name(t), ".parquet") for t in todo]
     stale = sum(out.remove_stale_temp(url) for url in targets)
     if stale:
         log.info(f"removed {stale} temporary file(s) left by a killed run")
-    return todo, len(tars) - len(todo)
+    return Todo(todo, len(tars) - len(todo), relabel, revised)
 
 
 class Labeling:
@@ -181,6 +205,7 @@ class Labeling:
     def report(self, written: list[tuple[str, int]]) -> None:
         for shard, rows in written:
             self.summary.shards_done += 1
+            self.summary.written.append(shard)
             rate = self.summary.labeled / max(time.monotonic() - self.began, 1e-9)
             self.log.info(
                 f"shard {shard}: {rows} samples written ({self.summary.shards_done} shards, "
@@ -270,33 +295,48 @@ def label_shards(
     labeled = labeler.labeler_id(fingerprint)
     out = _label_set(root, labeled, fingerprint, part, settings)
     downloads = _check_downloads(source, out, part)
-    todo, skipped = shards_to_label(source, out, log, tars)
-    summary = LabelSummary(shards_skipped=skipped, labeler=labeled, fingerprint=fingerprint)
+    todo = shards_to_label(source, out, log, tars)
+    total = len(todo.tars) + todo.skipped
+    summary = LabelSummary(shards_skipped=todo.skipped, labeler=labeled, fingerprint=fingerprint)
     summary.folder, summary.downloads = out.root, downloads
-    log.info(f"labeler {labeled}: {len(todo) + skipped} shards, {skipped} already labeled")
-    if todo:
+    log.info(f"labeler {labeled}: {total} shards, {todo.skipped} already labeled")
+    if todo.tars:
+        summary.shards_relabeled = len(todo.relabel)
         _label(todo, out, settings, model, summary, log, began)
+        _record_revisions(out, todo, summary.written)
     if not summary.unreadable_shards:
-        shards.set_current_labels(root, part, {"labeler": labeled, "shards": len(todo) + skipped})
+        shards.set_current_labels(root, part, {"labeler": labeled, "shards": total})
     return summary
 
 
-def _label(todo, out, settings, model, summary, log, began) -> None:
+def _record_revisions(out: Storage, todo: Todo, written: list[str]) -> None:
+    """The label folder's ``_revisions.json``: the revision each shard written was labeled at
+    (a run killed before this line only labels those shards again, finding nothing new)."""
+    labeled_at = shards.revisions(out, out.root)
+    now = {**labeled_at, **{s: todo.revisions[s] for s in written if s in todo.revisions}}
+    if now != labeled_at:
+        out.write_json(layout.revisions(out.root), dict(sorted(now.items())))
+
+
+def _label(todo: Todo, out, settings, model, summary, log, began) -> None:
     device = model.device
-    workers = min(settings.workers, len(todo))
+    workers = min(settings.workers, len(todo.tars))
+    existing = {s: layout.shard_file(out.root, s, ".parquet") for s in todo.relabel}
     log.info(
         f"model {settings.model} on {device} ({model.precision}, batch {model.batch_size}, "
         f"{workers} loader processes, input {model.config})"
     )
     loader = torch.utils.data.DataLoader(
-        ShardSamples(todo, model.config, settings.decode_on_device, model.batch_size),
+        ShardSamples(
+            todo.tars, model.config, settings.decode_on_device, model.batch_size, existing
+        ),
         batch_size=None,
         num_workers=workers,
         collate_fn=batches,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    labeling = Labeling(summary, ShardWriter(out), log)
+    labeling = Labeling(summary, ShardWriter(out, merge=set(existing)), log)
     labeling.began = began
     start = time.monotonic()
     try:

@@ -102,15 +102,23 @@ class ShardSamples(torch.utils.data.IterableDataset):
     shard's images go in batches of ``batch_size`` and its last, shorter batch ends with an end
     marker record, so the consumer knows the shard is complete, and a resumed run batches every
     shard exactly as an uninterrupted one (the results' bits depend on the batch on some CPUs). A
-    tar that cannot be read to its end gives an end marker with the error instead."""
+    tar that cannot be read to its end gives an end marker with the error instead. Of a shard in
+    ``existing`` (labeled before ``retry_failed`` added images to it), only the samples without
+    a row in its labels are decoded and given."""
 
     def __init__(
-        self, shards: list[str], config: dict[str, Any], jpeg_on_device: bool, batch_size: int
+        self,
+        shards: list[str],
+        config: dict[str, Any],
+        jpeg_on_device: bool,
+        batch_size: int,
+        existing: dict[str, str] | None = None,
     ) -> None:
         self.shards = shards
         self.config = config
         self.jpeg_on_device = jpeg_on_device
         self.batch_size = batch_size
+        self.existing = existing or {}  # shard -> its labels so far: only other samples are read
 
     def __iter__(self) -> Iterator[tuple[list[dict[str, Any]], Any]]:
         info = torch.utils.data.get_worker_info()
@@ -121,7 +129,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
             records: list[dict[str, Any]] = []
             images = 0
             try:
+                known = labeled_keys(self.existing[shard]) if shard in self.existing else set()
                 for key, members in iter_tar_samples(url):
+                    if key in known:
+                        continue
                     record = decode(shard, key, members, transform, self.jpeg_on_device)
                     records.append(record)
                     images += record["input"] is not None
@@ -133,6 +144,14 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 yield collate([*records, {"shard": shard, "end": True, "error": error}])
                 continue
             yield collate([*records, {"shard": shard, "end": True}])
+
+
+def labeled_keys(url: str) -> set[str]:
+    """The sample keys a labeled shard has rows for."""
+    import pyarrow.parquet as pq
+
+    with Storage(url.rsplit("/", 1)[0]).fs.open(url, "rb") as fh:
+        return set(pq.read_table(fh, columns=["key"]).column("key").to_pylist())
 
 
 def collate(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:

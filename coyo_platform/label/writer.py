@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from coyo_platform.common import layout
 from coyo_platform.common.formats import LABELED_FILE_OPTIONS, LABELED_SCHEMA
@@ -27,11 +28,13 @@ class ShardWriter:
     """``submit`` hands a finished shard to the writer thread; at most ``depth`` shards wait
     (their rows are held in memory), and beyond that ``submit`` waits for the oldest write.
     ``written`` returns the shards written since it was last asked; ``close`` waits for every
-    write. A failed write does not stop the others; the first failure is raised by the
-    ``submit`` that waits for it (or any later one; nothing more is queued) and by ``close``."""
+    write. A shard in ``merge`` already has labels: its new rows are added to them, and the
+    file is rewritten whole. A failed write does not stop the others; the first failure is
+    raised by the ``submit`` that waits for it (or any later one; nothing more is queued) and by
+    ``close``."""
 
-    def __init__(self, out: Storage, depth: int = 16) -> None:
-        self._out, self._depth = out, depth
+    def __init__(self, out: Storage, depth: int = 16, merge: set[str] | None = None) -> None:
+        self._out, self._depth, self._merge = out, depth, merge or set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: deque[tuple[str, int, Future]] = deque()
         self._done: list[tuple[str, int]] = []
@@ -39,7 +42,14 @@ class ShardWriter:
 
     def _write(self, shard: str, rows: list[dict[str, Any]]) -> None:
         url = layout.shard_file(self._out.root, shard, ".parquet")
-        self._out.write_parquet(url, shard_table(rows), **LABELED_FILE_OPTIONS)
+        table = shard_table(rows)
+        if shard in self._merge:  # the shard's labels so far, with its new images' rows
+            with self._out.fs.open(url, "rb") as fh:
+                before = pq.read_table(fh, schema=LABELED_SCHEMA)
+            new = set(table.column("key").to_pylist())
+            keep = [k not in new for k in before.column("key").to_pylist()]
+            table = pa.concat_tables([before.filter(pa.array(keep)), table]).sort_by("key")
+        self._out.write_parquet(url, table, **LABELED_FILE_OPTIONS)
 
     def _reap(self, wait_for: int = 0) -> None:
         """Move finished writes (and, waiting for them, the ``wait_for`` oldest) to the done."""
