@@ -212,6 +212,12 @@ def test_dagster_yaml_is_valid_instance_config(tmp_path, monkeypatch):
     assert "postgres_db" in config["storage"]["postgres"]
     assert config["run_retries"]["enabled"] and config["run_monitoring"]["enabled"]
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    [per_partition] = config["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert per_partition == {
+        "key": "dagster/partition",
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    }
     # every variable dagster.yaml reads is set by the template for the Dagster containers
     wanted = set(re.findall(r"\{env: (\w+)\}", (REPO / "infra" / "dagster.yaml").read_text()))
     containers = template()["Resources"]["DagsterTaskDefinition"]["Properties"][

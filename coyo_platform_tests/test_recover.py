@@ -195,11 +195,16 @@ def test_retry_failed_recovers_only_transient_failures_and_labels_only_the_new_i
     assert _label(site, out, labels)["images_labeled"] == 0
 
 
-def test_a_retry_killed_between_its_moves_leaves_no_key_twice(server: Server, tmp_path: Path):
-    """A retry killed after its tar moved into place but before its parquet: the tar has the new
-    images' members, the parquet still says they failed. The next retry drops those members and
-    fetches the rows again, so every key is in the tar once."""
-    out = tmp_path / "out"
+def test_a_rewrite_cut_short_after_its_tar_is_finished_by_the_next_retry(
+    site, server: Server, tmp_path: Path
+):
+    """A retry killed after its tar moved into place, before its parquet: the tar has the new
+    images' members, the parquet still says they failed, the rewrite marker is left. A label run
+    then labels what the tar holds. The next retry, with the sites still down, rewrites the
+    shard anyway: the members the parquet does not know are gone, and the next label run drops
+    their labels. With the sites back, the rows are recovered; every key once throughout."""
+    root = tmp_path / "data"
+    out, labels = root / layout.DOWNLOADS / KEY, root / layout.LABELS
     part = _part(tmp_path, server.url)
     _download(part, out)
     rows = pl.read_parquet(out / "00000.parquet")
@@ -210,17 +215,80 @@ def test_a_retry_killed_between_its_moves_leaves_no_key_twice(server: Server, tm
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
+    (out / f"00000{layout.REWRITE}").write_text('{"revision": 1}')
+    _label(site, out, labels)
+    [folder] = list(labels.glob(f"*/{KEY}"))
+    assert key in pl.read_parquet(folder / "00000.parquet")["key"].to_list()
+
+    still_down = _report(_download(part, out, "--retry-failed"))
+    assert (still_down["recovered"], still_down["shards_revised"]) == (0, 1)
+    assert key not in {m.split(".")[0] for m in _members(tar)}  # dropped: the parquet's word
+    assert not (out / f"00000{layout.REWRITE}").exists()
+    assert json.loads((out / "00000_stats.json").read_text())["revision"] == 2
+    _label(site, out, labels)
+    labeled = pl.read_parquet(folder / "00000.parquet")
+    assert key not in labeled["key"].to_list()  # no label for an image no longer in the tar
+    assert sorted(labeled["key"]) == sorted({m.split(".")[0] for m in _members(tar)})
 
     server.down = False
     _download(part, out, "--retry-failed")
     names = list(_members(tar))
     assert len(names) == len(set(names))
     assert _members(tar)[f"{key}.jpg"] != b"\xff\xd8stale"
-    assert sorted(_tar_ids(out)) == sorted(
-        pl.concat([pl.read_parquet(p) for p in out.glob("*.parquet")])
-        .filter(pl.col("status") == "success")["id"]
-        .to_list()
+    images = pl.concat([pl.read_parquet(p) for p in out.glob("*.parquet")]).filter(
+        pl.col("status") == "success"
     )
+    assert sorted(_tar_ids(out)) == sorted(images["id"].to_list())
+    _label(site, out, labels)
+    assert shards.label_coverage(Storage(str(root)), KEY).complete
+
+
+def test_a_rewrite_cut_short_after_its_parquet_is_labeled_and_finished(
+    site, server: Server, tmp_path: Path
+):
+    """A retry killed after its tar and parquet moved, before its ``_stats.json`` and before the
+    partition's record: the labeler still sees the new revision (the parquet's, read before the
+    tar) and labels the new images; the next download run counts the shard's ``_stats.json``
+    again from its parquet and records the revision."""
+    root = tmp_path / "data"
+    out, labels = root / layout.DOWNLOADS / KEY, root / layout.LABELS
+    part = _part(tmp_path, server.url)
+    _download(part, out)
+    _label(site, out, labels)
+    old_stats = (out / "00000_stats.json").read_bytes()
+    server.down = False
+    _download(part, out, "--retry-failed")
+    (out / "00000_stats.json").write_bytes(old_stats)  # as if the last move never happened
+    (out / layout.REVISIONS).unlink()
+    (out / f"00000{layout.REWRITE}").write_text('{"revision": 1}')
+    store = Storage(str(root))
+    assert shards.revisions_read_first(store, str(out), ["00000", "00001"]) == {"00000": 1}
+
+    relabeled = _label(site, out, labels)
+    assert (relabeled["images_labeled"], relabeled["shards_relabeled"]) == (2, 1)
+    plain = _report(_download(part, out))
+    assert plain["succeeded"] == 11
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert (stats["revision"], stats["successes"]) == (1, 5)
+    assert json.loads((out / layout.REVISIONS).read_text()) == {"00000": 1}
+    assert not (out / f"00000{layout.REWRITE}").exists()
+    assert shards.label_coverage(store, KEY).complete
+
+
+def test_the_sensor_asks_again_for_a_shard_revised_twice(tmp_path: Path):
+    """The labeling run key names each missing shard's revision: the same shard revised a second
+    time is a new request, not a repeat the sensor would drop."""
+    store = Storage(str(tmp_path))
+    folder = Path(layout.shards(store, KEY))
+    folder.mkdir(parents=True)
+    (folder / "00000_stats.json").write_text("{}")
+    keys = []
+    for revision in (1, 2):
+        (folder / layout.REVISIONS).write_text(json.dumps({"00000": revision}))
+        todo = shards.labeling_todo(store, KEY)
+        assert todo.missing == ["00000"]
+        keys.append(todo.run_key)
+    assert keys[0] != keys[1]
 
 
 def test_the_ui_job_recovers_with_the_partitions_own_settings_and_the_sensor_labels_the_rest(

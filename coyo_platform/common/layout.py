@@ -5,6 +5,7 @@ its asset::
     <root>/downloaded_shards/<part>/NNNNN.tar|.parquet|_stats.json    (img2dataset's layout)
     <root>/downloaded_shards/<part>/_fingerprint.json                  (source part, settings)
     <root>/downloaded_shards/<part>/_revisions.json      (shards rewritten by retry_failed)
+    <root>/downloaded_shards/<part>/NNNNN_rewrite.json   (a rewrite in progress, or cut short)
     <root>/labeled_shards/<labeler id>/<part>/NNNNN.parquet, <root>/labeled_shards/<labeler id>/
         _labeler.json, <root>/labeled_shards/_current/<part>.json        (one set per labeler)
     <root>/labeled_shards/<labeler id>/<part>/_revisions.json   (the revision each was labeled at)
@@ -41,6 +42,7 @@ FINGERPRINT = "_fingerprint.json"  # a downloaded-shards folder's (download/fing
 LABELER_FILE = "_labeler.json"
 CURRENT = "_current"
 REVISIONS = "_revisions.json"  # shards rewritten by retry_failed: {shard: revision}
+REWRITE = "_rewrite.json"  # NNNNN_rewrite.json: a shard's rewrite in progress (or cut short)
 STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
 ROLLUP = "_all_partitions"
 PLAN_FILE = "plan.json"
@@ -99,6 +101,11 @@ def download_record(folder: str) -> str:
 def revisions(folder: str) -> str:
     """A shards or labels folder's record of its shards' revisions (``download/recover.py``)."""
     return f"{folder.rstrip('/')}/{REVISIONS}"
+
+
+def rewrite_marker(folder: str, shard: str) -> str:
+    """``NNNNN_rewrite.json``: the revision a rewrite of the shard is writing."""
+    return shard_file(folder, shard, REWRITE)
 
 
 def shard_file(folder: str, shard: str, suffix: str) -> str:

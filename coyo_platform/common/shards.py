@@ -61,6 +61,39 @@ def shard_revisions(store: Storage, folder: str, names: list[str]) -> dict[str, 
     return revised
 
 
+#: A rewritten shard's revision in its parquet's key-value metadata (``download/recover.py``).
+REVISION_KEY = "coyo.revision"
+
+
+def pending_rewrites(store: Storage, folder: str) -> dict[str, int]:
+    """The shards whose rewrite (``retry_failed``) was begun and not finished:
+    ``{name: revision}``, from their ``NNNNN_rewrite.json``."""
+    found = {}
+    for url in store.glob(layout.rewrite_marker(folder, "*")):
+        record = store.read_json_if_exists(url)
+        if record is not None:
+            found[url.rsplit("/", 1)[-1].removesuffix(layout.REWRITE)] = int(record["revision"])
+    return found
+
+
+def parquet_revision(store: Storage, url: str) -> int:
+    """The revision a shard's parquet says it is (0: never rewritten), from its footer."""
+    _, pairs = store.parquet_metadata(url)
+    return int(pairs.get(REVISION_KEY, 0))
+
+
+def revisions_read_first(store: Storage, folder: str, names: list[str]) -> dict[str, int]:
+    """The revisions of finished shards ``names`` (above 0), as a reader must take them before
+    it reads the tars: each ``_stats.json``'s, or, for a rewrite cut short after its parquet
+    moved, the parquet's. Both files move after the tar, so neither is ahead of it."""
+    revised = shard_revisions(store, folder, names)
+    for name in pending_rewrites(store, folder):
+        if name in names:
+            url = layout.shard_file(folder, name, ".parquet")
+            revised[name] = max(revised.get(name, 0), parquet_revision(store, url))
+    return {n: r for n, r in revised.items() if r}
+
+
 def labeled(store: Storage, folder: str) -> set[str]:
     """Names of the shards with labels in a labeled-shards ``folder``."""
     return {layout.shard_name(p) for p in store.glob(layout.shard_file(folder, "*", ".parquet"))}
@@ -100,7 +133,8 @@ def unlabeled(store: Storage, key: str, labeler: str | None = None) -> list[str]
 class LabelingTodo:
     """What a labeling run of a partition would do: its ``missing`` shards, with the settings
     of the partition's current label set (None: never labeled, the defaults), and a ``run_key``
-    that changes with the shards, the downloads (a part downloaded again) and the labeler."""
+    that changes with the shards and their revisions, the downloads (a part downloaded again)
+    and the labeler."""
 
     missing: list[str]
     settings: dict | None
@@ -117,7 +151,9 @@ def labeling_todo(store: Storage, key: str) -> LabelingTodo:
     downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
     missing = unlabeled(store, key, labeler)
     made_from = provenance.identity(downloads) if downloads else None
-    return LabelingTodo(missing, settings, provenance.digest([missing, made_from, labeler]))
+    revised = revisions(store, layout.shards(store, key))  # a shard revised twice: two runs
+    named = [(s, revised[s]) if s in revised else s for s in missing]
+    return LabelingTodo(missing, settings, provenance.digest([named, made_from, labeler]))
 
 
 def downloaded_partitions(store: Storage) -> list[str]:

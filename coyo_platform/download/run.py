@@ -140,6 +140,8 @@ def run_shards(
         wanted = fingerprint.current(_metadata_store(metadata_url), metadata_url, settings)
         fingerprint.check_or_record(store, output, wanted)
         clear_staging(output)  # a killed run's staging
+        if recover.finish_interrupted(store, output):  # rewrites cut short after their parquet
+            _record_revisions(store, output)
         done = {int(s) for s in shards.finished(store, store.root) if s.isdigit()}
         reader = Reader(
             metadata_url,
@@ -173,9 +175,7 @@ def _recover(
     """Fetch again the transient failures of the finished shards (``recover.py``), recording
     each shard rewritten in the partition's ``_revisions.json`` as soon as it is in place."""
     todo = recover.candidates(store, output)
-    revised = shards.shard_revisions(store, output, shards.finished(store, output))
-    if revised != shards.revisions(store, output):  # a retry killed before its record: repaired
-        recover.record_revisions(store, output, revised)
+    revised = _record_revisions(store, output)  # a retry killed before its record: repaired
     if not todo:
         return {}
     recoverer = recover.ShardRecoverer(output, settings, [])
@@ -239,6 +239,14 @@ def _run_pool(
     return failed
 
 
+def _record_revisions(store: Storage, output: str) -> dict[str, int]:
+    """The partition's ``_revisions.json`` made to match its shards' own files; returns it."""
+    revised = shards.revisions_read_first(store, output, shards.finished(store, output))
+    if revised != shards.revisions(store, output):
+        recover.record_revisions(store, output, revised)
+    return revised
+
+
 def download_partition(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
 ) -> DownloadSummary:
@@ -255,7 +263,7 @@ def download_partition(
     start = time.monotonic()
     failed: dict[int, str] = {}
     recovery = Recovery()
-    if len(before) < expected or settings.retry_failed:
+    if len(before) < expected or settings.retry_failed or shards.pending_rewrites(store, output):
         failed, recovery = run_shards(metadata_url, output, settings, on_shard)
     clear_staging(output)  # also what a run killed after its last shard left
     summary = summarize(store, set(before), time.monotonic() - start, settings.drift_distance)

@@ -145,7 +145,7 @@ def shards_to_label(source: Storage, out: Storage, log: logging.Logger, tars: li
         if waiting:
             log.info(f"{len(waiting)} shards still being written (no _stats.json): left for later")
         tars = [t for t in tars if layout.shard_name(t) in set(finished)]
-    revised = shards.shard_revisions(source, source.root, finished)
+    revised = shards.revisions_read_first(source, source.root, finished)
     labeled_at = shards.revisions(out, out.root)
     done = shards.labeled(out, out.root)
     relabel = {
@@ -200,7 +200,7 @@ class Labeling:
                 f"shard {marker['shard']}: tar unreadable, nothing written: {marker['error']}"
             )
         else:
-            self.writer.submit(marker["shard"], rows)
+            self.writer.submit(marker["shard"], rows, keep=marker.get("keys"))
 
     def report(self, written: list[tuple[str, int]]) -> None:
         for shard, rows in written:

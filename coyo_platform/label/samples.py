@@ -104,7 +104,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
     shard exactly as an uninterrupted one (the results' bits depend on the batch on some CPUs). A
     tar that cannot be read to its end gives an end marker with the error instead. Of a shard in
     ``existing`` (labeled before ``retry_failed`` added images to it), only the samples without
-    a row in its labels are decoded and given."""
+    a row in its labels are decoded and given, and its end marker lists every key in the tar."""
 
     def __init__(
         self,
@@ -130,7 +130,9 @@ class ShardSamples(torch.utils.data.IterableDataset):
             images = 0
             try:
                 known = labeled_keys(self.existing[shard]) if shard in self.existing else set()
+                in_tar: list[str] = []
                 for key, members in iter_tar_samples(url):
+                    in_tar.append(key)
                     if key in known:
                         continue
                     record = decode(shard, key, members, transform, self.jpeg_on_device)
@@ -143,7 +145,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 error = f"{type(exc).__name__}: {exc}"
                 yield collate([*records, {"shard": shard, "end": True, "error": error}])
                 continue
-            yield collate([*records, {"shard": shard, "end": True}])
+            end: dict[str, Any] = {"shard": shard, "end": True}
+            if shard in self.existing:  # the labels kept are those of samples still in the tar
+                end["keys"] = in_tar
+            yield collate([*records, end])
 
 
 def labeled_keys(url: str) -> set[str]:
