@@ -66,7 +66,13 @@ FLAGS = (
 # What the progress line of each step shows from its materialization metadata.
 _SUMMARY_KEYS = {
     "coyo700m_metadata": ("rows",),
-    "downloaded_shards": ("succeeded", "failed", "images_per_second"),
+    "downloaded_shards": (
+        "succeeded",
+        "failed",
+        "transient_failures",
+        "recovered",
+        "images_per_second",
+    ),
     "labeled_shards": ("labeler", "images_labeled", "images_failed", "images_per_second", "device"),
     "label_stats": ("images_labeled",),
     "coyo_labeled_300m": ("rows", "share_kept"),
