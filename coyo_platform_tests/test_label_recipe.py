@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -105,8 +106,112 @@ def test_coyo_preset_is_the_cards_eval(site):
     _, config, _ = load_model(settings)
     assert config["input_size"] == (3, 512, 512)
     assert config["interpolation"] == "bilinear"
-    assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)
+    assert config["resize"] == "automl"  # float32, half-pixel centres, no antialias, on device
+    assert config["mean"] == config["std"] == (128 / 255,) * 3  # (x - 128) / 128
     assert (config["crop_pct"], config["crop_mode"]) == (1.0, "squash")
+
+
+def _tf_resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    """TF2's ``tf.image.resize(image, [size, size])`` (bilinear, ``antialias=False``), as its
+    kernel computes it: half-pixel centres, ``in = (out + 0.5) * scale - 0.5``, the lower
+    neighbour ``max(floor(in), 0)``, the upper ``min(ceil(in), n - 1)``, weight
+    ``in - floor(in)``; float32 throughout."""
+
+    def axis(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scale = n_in / size
+        src = (np.arange(size) + 0.5) * scale - 0.5
+        floor = np.floor(src)
+        lower = np.maximum(floor, 0).astype(int)
+        upper = np.minimum(np.ceil(src), n_in - 1).astype(int)
+        return lower, upper, (src - floor).astype(np.float32)
+
+    x = image.astype(np.float32)
+    top, bottom, dy = axis(x.shape[0])
+    left, right, dx = axis(x.shape[1])
+    dx, dy = dx[None, :, None], dy[:, None, None]
+    upper_row = x[top][:, left] + (x[top][:, right] - x[top][:, left]) * dx
+    lower_row = x[bottom][:, left] + (x[bottom][:, right] - x[bottom][:, left]) * dx
+    return upper_row + (lower_row - upper_row) * dy
+
+
+def _automl_reference(checkpoint: Path, images: list[bytes], size: int):
+    """automl's EfficientNetV2 eval, written out: decode, the whole image resized as TF2 does
+    (float32, no antialias), (x - 128) / 128, the model, sigmoid, the 21,841 fall11 classes,
+    top 50."""
+    import io
+
+    import timm
+
+    model = timm.create_model(
+        demo.DEMO_MODEL, pretrained=False, num_classes=21_843, checkpoint_path=str(checkpoint)
+    ).eval()
+    inputs = []
+    for data in images:
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        inputs.append((_tf_resize_bilinear(rgb, size) - 128.0) / 128.0)
+    batch = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).contiguous()
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(batch))[:, torch.as_tensor(goog_to_fall11())]
+    return probs.topk(50, dim=1)
+
+
+def test_the_coyo_preset_computes_automls_eval(site, tmp_path: Path):
+    """Real photos of several sizes (downscaled, upscaled, one already at the input size, one
+    wide): the label program's coyo preset in fp32 gives automl's eval recipe's labels, and its
+    probabilities within 1e-5."""
+    import io
+
+    size = 512
+    photos = sorted(p for p in site.images.glob("*.jpg") if p.stem.startswith(("astro", "coffee")))
+    shapes = [(700, 500), (300, 200), (512, 512), (1024, 300), (333, 517)]
+    images = []
+    for i, (w, h) in enumerate(shapes):
+        buf = io.BytesIO()
+        Image.open(photos[i % len(photos)]).convert("RGB").resize((w, h)).save(
+            buf, format="JPEG", quality=92
+        )
+        images.append(buf.getvalue())
+    (tmp_path / "shards").mkdir()
+    samples = [(f"{i:09d}", data, {"id": 10 + i}) for i, data in enumerate(images)]
+    write_tar(tmp_path / "shards" / "00000.tar", samples)
+    settings = LabelSettings(
+        preset="coyo",
+        model=demo.DEMO_MODEL,
+        checkpoint=str(site.checkpoint),
+        precision="fp32",
+        batch_size=2,
+        num_workers=1,
+    )
+    summary = label_shards(str(tmp_path / "shards"), str(tmp_path / "out"), settings)
+    assert summary.labeled == len(images)
+    out = pl.read_parquet(Path(summary.folder) / "*.parquet").sort("id")
+    values, indices = _automl_reference(site.checkpoint, images, size)
+    got = torch.tensor(out["label_probs"].to_list())
+    assert out["labels"].to_list() == indices.tolist()
+    assert torch.allclose(got, values, atol=PROB_TOLERANCE, rtol=0)
+    # and it is not timm's antialiased transform: the downscaled photos differ from it
+    timm_values, _ = _timm_at(site.checkpoint, images, size)
+    assert (timm_values - values).abs().max() > 10 * PROB_TOLERANCE
+
+
+def _timm_at(checkpoint: Path, images: list[bytes], size: int):
+    """timm's eval transform (PIL bilinear, antialiased) at ``size``, for contrast."""
+    import io
+
+    import timm
+    from timm.data import create_transform
+
+    model = timm.create_model(
+        demo.DEMO_MODEL, pretrained=False, num_classes=21_843, checkpoint_path=str(checkpoint)
+    ).eval()
+    transform = create_transform(
+        input_size=(3, size, size), interpolation="bilinear", mean=(128 / 255,) * 3,
+        std=(128 / 255,) * 3, crop_pct=1.0, crop_mode="squash",
+    )  # fmt: skip
+    batch = torch.stack([transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in images])
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(batch))[:, torch.as_tensor(goog_to_fall11())]
+    return probs.topk(50, dim=1)
 
 
 def test_explicit_settings_beat_the_preset():

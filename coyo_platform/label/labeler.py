@@ -30,7 +30,9 @@ def fingerprint(
     import timm
     import torch
 
+    automl = {"resize": "automl"} if config.get("resize") == "automl" else {}  # else: timm's
     return {
+        **automl,
         "model": model,
         "weights_sha256": weights_sha256,
         "input_size": list(config["input_size"]),

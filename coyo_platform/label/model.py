@@ -37,20 +37,47 @@ class DeviceInputs:
         self._transform = None
 
     def __call__(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """uint8 NCHW on the device."""
+        """NCHW on the device: uint8 (timm's transform), or float32 resized here
+        (``resize="automl"``)."""
+        if self.config.get("resize") == "automl":
+            return self._automl(inputs)
         if isinstance(inputs, torch.Tensor):
             return self._copy(inputs)
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2.functional import resize
 
         jpegs = [i for i, t in enumerate(inputs) if t.dim() == 1]
-        decoded = self._decode_jpegs([inputs[i] for i in jpegs])
+        decoded = self._decode_jpegs([inputs[i] for i in jpegs]) if jpegs else []
         mode = InterpolationMode(self.config["interpolation"])
         out = [self._copy(t) if t.dim() == 3 else t for t in inputs]
         for i, img in zip(jpegs, decoded, strict=True):
             if tuple(img.shape[1:]) != tuple(self.size):
                 img = resize(img, list(self.size), interpolation=mode, antialias=True)
             out[i] = img
+        return torch.stack(out)
+
+    def _automl(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """automl's eval resize, image by image on the device: float32, bilinear with
+        half-pixel centres and no antialias (TF2's ``tf.image.resize``) to the input size."""
+        import torch.nn.functional as F  # noqa: N812
+
+        if isinstance(inputs, torch.Tensor):
+            images = list(self._copy(inputs).unbind(0))
+        else:
+            jpegs = [i for i, t in enumerate(inputs) if t.dim() == 1]
+            decoded = self._decode_jpegs([inputs[i] for i in jpegs]) if jpegs else []
+            images = [self._copy(t) if t.dim() == 3 else t for t in inputs]
+            for i, img in zip(jpegs, decoded, strict=True):
+                images[i] = img
+        size = tuple(self.size)
+        out = [
+            F.interpolate(
+                img[None].float(), size=size, mode="bilinear", align_corners=False, antialias=False
+            )[0]
+            if tuple(img.shape[1:]) != size
+            else img.float()
+            for img in images
+        ]
         return torch.stack(out)
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """Label a partition's downloaded shards: top 50 of the card's 21,841 ImageNet-21k classes.
 
-Exact: the recipe is timm's (``create_model`` -> ``resolve_data_config`` -> ``create_transform``
--> ``eval()`` -> ``inference_mode``), with the whole image resized to the model's test size and no
-crop (``crop_mode='squash'``, ``crop_pct=1.0``), as EfficientNetV2's own evaluation does. The
+Exact: the ``coyo`` preset computes google/automl's EfficientNetV2 eval (the whole image in
+float32, resized on the device as TF2's ``tf.image.resize`` does, bilinear without antialias, then
+``(x - 128) / 128``); the ``timm`` preset is timm's recipe (``create_model`` ->
+``resolve_data_config`` -> ``create_transform`` -> ``eval()`` -> ``inference_mode``), with the
+whole image resized to the model's test size and no crop (``crop_mode='squash'``,
+``crop_pct=1.0``). The
 model's 21,843 outputs go through the activation (``sigmoid`` by default: the card's probabilities
 sum past 1, so they are not softmax), are mapped to the 21,841 fall11 classes
 (``common/labelspace.py``), and the top 50 are kept.
 
 Fast: shards stream through a ``DataLoader`` whose processes read whole tars, decode, hash and
-resize (``samples.py``), handing over uint8 tensors in pinned memory; the model step
+(timm) resize (``samples.py``), handing over uint8 tensors in pinned memory; the model step
 (``model.py``) copies, normalizes and runs them on the device, and a batch's top 50 are collected
 only after the next batch has been queued, so the device never waits for Python. Finished shards
 are written by a writer thread (``writer.py``). Memory holds only the shards in flight.

@@ -24,11 +24,23 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def build_transform(config: dict[str, Any]):
-    """timm's eval transform for ``config`` in its prefetcher form: the whole image squashed to
-    the input size (no crop), as a uint8 CHW tensor; normalization happens on the device."""
+    """What the loader hands over for ``config``: with ``resize="automl"``, the image's own
+    pixels as a uint8 CHW tensor (the device resizes it, in float32, as automl's eval does);
+    else timm's eval transform in its prefetcher form, the whole image squashed to the input
+    size (no crop). Normalization happens on the device either way."""
+    if config.get("resize") == "automl":
+        return original_pixels
     from timm.data import create_transform
 
-    return create_transform(**config, is_training=False, use_prefetcher=True)
+    timm_config = {k: v for k, v in config.items() if k != "resize"}
+    return create_transform(**timm_config, is_training=False, use_prefetcher=True)
+
+
+def original_pixels(rgb: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 CHW tensor, at its own size."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -161,10 +173,11 @@ def labeled_keys(url: str) -> set[str]:
 
 def collate(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
     """Records without their pixels, and the model inputs in record order: one uint8 NCHW tensor
-    (stacked here, in the loader process, so that it is pinned as one block), or a list mixing
-    uint8 CHW tensors and raw JPEG bytes to decode on the device."""
+    (stacked here, in the loader process, so that it is pinned as one block), or a list of
+    uint8 CHW tensors of their own sizes (``resize="automl"``) and raw JPEG bytes to decode on
+    the device."""
     inputs = [r.pop("input") for r in records if r.get("input") is not None]
-    if inputs and all(t.dim() == 3 for t in inputs):
+    if inputs and all(t.dim() == 3 and t.shape == inputs[0].shape for t in inputs):
         return records, torch.stack(inputs)
     return records, inputs
 

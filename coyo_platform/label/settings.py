@@ -28,10 +28,12 @@ CHECKPOINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "coyo_platfor
 #: ``coyo`` reproduces the card's pipeline: EfficientNetV2-XL trained on ImageNet-21k, evaluated as
 #: google/automl's EfficientNetV2 eval does it: the whole image resized to 512x512 (no crop) with
 #: *bilinear* interpolation (automl's eval preprocessing uses tf.image.resize's bilinear default;
-#: timm's pretrained_cfg says bicubic, which is timm's own choice), then (x - 0.5) / 0.5, i.e.
-#: automl's (x - 128) / 128. Activation ``sigmoid``: the card's example probabilities sum to 1.0276,
-#: which softmax cannot give, and Google published these ImageNet-21k checkpoints as sigmoid-loss
-#: checkpoints "for multi-class pseudo labeling".
+#: timm's pretrained_cfg says bicubic, which is timm's own choice), in float32 with half-pixel
+#: centres and no antialias (``resize="automl"``: TF2's ``tf.image.resize``, which torch's
+#: ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` computes, on the
+#: device), then automl's (x - 128) / 128. Activation ``sigmoid``: the card's example
+#: probabilities sum to 1.0276, which softmax cannot give, and Google published these
+#: ImageNet-21k checkpoints as sigmoid-loss checkpoints "for multi-class pseudo labeling".
 #:
 #: ``timm`` uses the model's own timm eval config (test size, interpolation, mean/std), still with
 #: the whole image squashed (no crop), and sigmoid unless ``activation`` says softmax (timm's own
@@ -41,12 +43,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": DEFAULT_MODEL,
         "image_size": 512,
         "interpolation": "bilinear",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
+        "resize": "automl",
+        "mean": (128 / 255,) * 3,  # (x - 128) / 128 on 0-255 pixels, as automl's eval
+        "std": (128 / 255,) * 3,
         "activation": "sigmoid",
     },
-    "timm": {"model": DEFAULT_MODEL, "activation": "sigmoid"},
+    "timm": {"model": DEFAULT_MODEL, "activation": "sigmoid", "resize": "timm"},
 }
+#: How images reach the model's input size (``resize``).
+RESIZES = ("automl", "timm")
 
 #: Model names that name a source rather than a timm architecture; they are checked when loaded.
 MODEL_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")
@@ -77,6 +82,13 @@ class LabelSettings:
     image_size: int | None = setting(None, "input size (default: the preset's, else the model's)")
     interpolation: str | None = setting(
         None, "resize interpolation (default: the preset's, else the model's)"
+    )
+    resize: str | None = setting(
+        None,
+        "automl: the card's eval, the whole image in float32 resized on the device (bilinear, "
+        "half-pixel centres, no antialias), as tf.image.resize; timm: timm's eval transform in "
+        "the loader (default: the preset's)",
+        RESIZES,
     )
     mean: tuple[float, ...] | None = setting(None, "normalization mean, 3 values (default: preset)")
     std: tuple[float, ...] | None = setting(None, "normalization std, 3 values (default: preset)")

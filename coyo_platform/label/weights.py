@@ -173,4 +173,5 @@ def load_model(settings: LabelSettings) -> tuple[torch.nn.Module, dict[str, Any]
     if settings.std:
         config["std"] = tuple(settings.std)
     config["crop_pct"], config["crop_mode"] = 1.0, "squash"
+    config["resize"] = settings.resize or "timm"
     return model.eval(), config, digest
