@@ -167,8 +167,6 @@ class SoakHandler(http.server.SimpleHTTPRequestHandler):
 
     outage_from = outage_until = 0.0
     flaky = True
-    hits: dict = {}
-    lock = threading.Lock()
     photo = b""
 
     def log_message(self, *args: object) -> None:
@@ -183,8 +181,6 @@ class SoakHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
-        with self.lock:
-            self.hits[path] = self.hits.get(path, 0) + 1
         if self.outage_from <= time.monotonic() < self.outage_until:
             self.send_error(503)
             return

@@ -86,9 +86,9 @@ def revisions_read_first(store: Storage, folder: str, names: list[str]) -> dict[
     """The revisions of finished shards ``names`` (above 0), as a reader must take them before
     it reads the tars: each ``_stats.json``'s, or, for a rewrite cut short after its parquet
     moved, the parquet's. Both files move after the tar, so neither is ahead of it."""
-    revised = shard_revisions(store, folder, names)
+    revised, listed = shard_revisions(store, folder, names), set(names)
     for name in pending_rewrites(store, folder):
-        if name in names:
+        if name in listed:
             url = layout.shard_file(folder, name, ".parquet")
             revised[name] = max(revised.get(name, 0), parquet_revision(store, url))
     return {n: r for n, r in revised.items() if r}
@@ -114,13 +114,17 @@ def set_current_labels(sets: Storage, key: str, record: dict) -> None:
     sets.write_json(layout.current_in(sets.root, key), record)
 
 
-def unlabeled(store: Storage, key: str, labeler: str | None = None) -> list[str]:
+def unlabeled(
+    store: Storage, key: str, labeler: str | None = None, revised: dict[str, int] | None = None
+) -> list[str]:
     """Finished shards of the partition without labels in ``labeler``'s set (default: its
-    current one), or labeled before ``retry_failed`` added images to them."""
+    current one), or labeled before ``retry_failed`` added images to them (``revised``: the
+    partition's :func:`revisions`, when the caller has read them)."""
     labeler = labeler or current_labeler(store, key)
     folder = layout.labels(store, key, labeler) if labeler else None
     done = labeled(store, folder) if folder else set()
-    revised = revisions(store, layout.shards(store, key))
+    if revised is None:
+        revised = revisions(store, layout.shards(store, key))
     labeled_at = revisions(store, folder) if folder and revised else {}
     return [
         s
@@ -149,9 +153,10 @@ def labeling_todo(store: Storage, key: str) -> LabelingTodo:
         made = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
         settings = (made or {}).get("settings")
     downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
-    missing = unlabeled(store, key, labeler)
+    revised = revisions(store, layout.shards(store, key))
+    missing = unlabeled(store, key, labeler, revised)
     made_from = provenance.identity(downloads) if downloads else None
-    revised = revisions(store, layout.shards(store, key))  # a shard revised twice: two runs
+    # a shard revised twice is two runs: the key names each missing shard's revision
     named = [(s, revised[s]) if s in revised else s for s in missing]
     return LabelingTodo(missing, settings, provenance.digest([named, made_from, labeler]))
 

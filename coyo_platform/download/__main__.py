@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import-time update check goes online
-# img2dataset's package imports webdataset, which imports torch when it can (500 MB and a second
-# in every download process) and works without it; a download never uses it
-sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 from coyo_platform.common import settings as declared  # noqa: E402
 from coyo_platform.common.reporting import open_reporter  # noqa: E402
 from coyo_platform.common.storage import Storage  # noqa: E402
 from coyo_platform.download import fingerprint  # noqa: E402
-from coyo_platform.download.run import download_partition  # noqa: E402
+from coyo_platform.download.run import download_partition, without_torch  # noqa: E402
 from coyo_platform.download.settings import DownloadSettings  # noqa: E402
 
 INPUTS = {
     "--metadata": "the part's parquet (COYO-700M schema)",
     "--output": "folder or s3:// prefix for the shards",
 }
+
+
+without_torch()  # this process never needs it (nor do its pool processes)
 
 
 def parser() -> argparse.ArgumentParser:

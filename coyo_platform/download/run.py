@@ -38,19 +38,17 @@ OnShard = Callable[[int, dict[str, int]], None]
 
 @dataclass
 class Recovery:
-    """What ``retry_failed`` did this run: rows fetched again, of them now images (``recovered``)
-    or failures for good (``final``), and the shards rewritten."""
+    """What ``retry_failed`` did this run: rows fetched again, of them now images
+    (``recovered``) or failed to resolve again (``dns``), and the shards rewritten."""
 
     retried: int = 0
     recovered: int = 0
-    final: int = 0
     dns: int = 0
     shards_revised: int = 0
 
     def add(self, counts: dict[str, int]) -> None:
         self.retried += counts["retried"]
         self.recovered += counts["recovered"]
-        self.final += counts["final"]
         self.dns += counts["dns"]
         self.shards_revised += bool(counts["revision"])
 
@@ -61,14 +59,15 @@ def _pool_process(parent: int, max_pixels: int) -> None:
     check would; and it dies with the download program."""
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
     _large_blocks_to_the_system()
-    _without_torch()
+    without_torch()
     _die_with_parent(parent)
 
 
-def _without_torch() -> None:
+def without_torch() -> None:
     """img2dataset's package imports webdataset, which imports torch if it can (500 MB of
     memory and a second of start-up in every download process) and works without it: a
-    download never uses it. Only for pool processes, which do nothing else."""
+    download never uses it. For the download program and its pool processes only, which do
+    nothing else; before img2dataset is first imported."""
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type] # import torch: not found
 
 
@@ -250,11 +249,10 @@ def _record_revisions(store: Storage, output: str) -> dict[str, int]:
 def download_partition(
     metadata_url: str, output: str, settings: DownloadSettings, on_shard: OnShard | None = None
 ) -> DownloadSummary:
-    """Download (or resume) a partition; raise if shards are left unfinished. With
-    ``retry_failed``, the folder's recorded download settings are used (``for_retry``)."""
+    """Download (or resume) a partition; raise if shards are left unfinished. (The program
+    applies ``fingerprint.for_retry`` to its settings first.)"""
     store = Storage(output)
     output = store.root
-    settings, _ = fingerprint.for_retry(store, output, settings)
     wanted = fingerprint.current(_metadata_store(metadata_url), metadata_url, settings)
     fingerprint.check_folder(store, output, wanted)
     rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()

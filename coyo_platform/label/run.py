@@ -144,16 +144,15 @@ def shards_to_label(source: Storage, out: Storage, log: logging.Logger, tars: li
     it is read is labeled again next time)."""
     finished = shards.finished(source, source.root)
     if finished:  # img2dataset's folder: a shard is whole once its _stats.json is written
-        waiting = [t for t in tars if layout.shard_name(t) not in set(finished)]
+        whole = set(finished)
+        waiting = [t for t in tars if layout.shard_name(t) not in whole]
         if waiting:
             log.info(f"{len(waiting)} shards still being written (no _stats.json): left for later")
-        tars = [t for t in tars if layout.shard_name(t) in set(finished)]
+        tars = [t for t in tars if layout.shard_name(t) in whole]
     revised = shards.revisions_read_first(source, source.root, finished)
     labeled_at = shards.revisions(out, out.root)
     done = shards.labeled(out, out.root)
-    relabel = {
-        n for n in done if revised.get(n, 0) > labeled_at.get(n, 0)
-    }  # fmt: skip
+    relabel = {n for n in done if revised.get(n, 0) > labeled_at.get(n, 0)}
     todo = [t for t in tars if layout.shard_name(t) not in done or layout.shard_name(t) in relabel]
     if relabel:
         log.info(f"{len(relabel)} shards gained images (retry_failed): labeling those images")
