@@ -137,6 +137,9 @@ def run_engine(engine: str, part: str, out: str, processes: int, threads: int, s
             thread_count=threads,
             number_sample_per_shard=shard,
             allow_networks=(f"{HOST}/32",),
+            # the rows name 24 photos over and over (with their pHashes): img2dataset fetches
+            # every row, and so does ours here
+            dedup_crawl_phash=False,
         )
         failed, _ = run_shards(part, out, settings)
         assert not failed, failed

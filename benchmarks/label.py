@@ -245,7 +245,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="default: the label program's")
     p.add_argument("--num-workers", type=int, default=None, help="default: the label program's")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--decode-on-device", action="store_true")
     p.add_argument("--ceiling-seconds", type=float, default=None, help="how long (a) runs")

@@ -53,6 +53,8 @@ FLAGS = (
             "shard_retries",
             "outage_backoff",
             "retry_failed",
+            "dedup_crawl_phash",
+            "keep_original",
         ),
     ),
     ("labeled_shards", LabelSettings, ("model", "checkpoint", "preset", "precision")),
@@ -69,6 +71,7 @@ _SUMMARY_KEYS = {
     "downloaded_shards": (
         "succeeded",
         "failed",
+        "crawl_duplicates_dropped",
         "transient_failures",
         "recovered",
         "images_per_second",
@@ -210,6 +213,22 @@ def _materialize(
     return str(metadata["path"].value) if "path" in metadata else ""
 
 
+def _stale_subsets(resources: dict[str, Any]) -> list[str]:
+    """Partitions whose subset was written under another plan than the current one (a plan over
+    all partitions changed when this run's parts joined it: dedup, caps, a target size)."""
+    from coyo_platform.common import layout
+    from coyo_platform.sample.plan import current_plan
+    from coyo_platform.sample.subset import PLAN_DIGEST_KEY
+
+    store = resources["storage"].store()
+    digest = current_plan(store).digest
+    return [
+        key
+        for key, url in sorted(layout.subset_files(store).items())
+        if store.parquet_metadata(url)[1].get(PLAN_DIGEST_KEY) != digest
+    ]
+
+
 def run(
     source: str,
     parts: list[str],
@@ -231,7 +250,15 @@ def run(
     print(f"parts: {', '.join(parts)} ({len(new)} new partitions)")
     outputs: list[str] = []
     for partitioned, assets in steps():
-        for part in parts if partitioned else [None]:
+        todo = parts
+        if partitioned and any(a.key.to_user_string() == "coyo_labeled_300m" for a in assets):
+            todo = parts + [k for k in _stale_subsets(resources) if k not in parts]
+            if len(todo) > len(parts):
+                print(
+                    f"subsets written under another plan, rewritten too: "
+                    f"{', '.join(todo[len(parts) :])}"
+                )
+        for part in todo if partitioned else [None]:
             for asset in assets:
                 config = configs.get(asset.key.to_user_string(), {})
                 path = _materialize(asset, instance, resources, part, config, verbose)

@@ -30,7 +30,15 @@ from PIL import Image
 
 from coyo_platform import demo
 from coyo_platform.download.fetch import Guard, why_blocked
-from coyo_platform_tests.conftest import download_cmd, free_port, without_dagster
+from coyo_platform_tests import conftest
+from coyo_platform_tests.conftest import free_port, without_dagster
+
+
+def download_cmd(metadata: Path, out: Path, *extra: str) -> list[str]:
+    """conftest's, without dedup before download: these parts name one photo (with its crawl
+    pHash) row after row on purpose, which dedup would fetch once."""
+    return conftest.download_cmd(metadata, out, "--no-dedup-crawl-phash", *extra)
+
 
 WEB_HOST = "127.0.0.2"  # the allowed "internet"; 127.0.0.1 stays forbidden, like a private network
 

@@ -266,7 +266,8 @@ def check_visible(out: Path, undone_allowed: bool = False) -> list[str]:
     names = {p.name for p in out.iterdir()}
     whole = {f"{s}{ext}" for s in done for ext in (".tar", ".parquet", "_stats.json")}
     assert whole <= names, f"a done shard lacks files: {sorted(whole - names)}"
-    undone = names - whole - {"_tmp", "_fingerprint.json"}
+    records = {"_fingerprint.json", "_crawl_dedup.json", "_crawl_dedup"}  # written whole first
+    undone = names - whole - records - {"_tmp"}
     for name in undone if undone_allowed else ():
         assert name.endswith((".tar", ".parquet")), name
         if name.endswith(".tar"):

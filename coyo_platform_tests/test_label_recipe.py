@@ -27,7 +27,12 @@ def shards(site, tmp_path_factory) -> tuple[Path, list[Path]]:
         p for p in site.images.glob("*.jpg") if p.stem.startswith(("astro", "coffee", "chel"))
     )
     samples = [
-        (f"{i:09d}", p.read_bytes(), {"id": 1000 + i, "original_width": 1, "original_height": 2})
+        (
+            f"{i:09d}",
+            p.read_bytes(),
+            # the downloader's pHash of the original rides in the json (img2dataset's meta)
+            {"id": 1000 + i, "original_width": 1, "original_height": 2, "phash": f"{i:016x}"},
+        )
         for i, p in enumerate(photos)
     ]
     broken = (site.images / "truncated.jpg").read_bytes()
@@ -178,7 +183,8 @@ def test_the_coyo_preset_computes_automls_eval(site, tmp_path: Path):
         preset="coyo",
         model=demo.DEMO_MODEL,
         checkpoint=str(site.checkpoint),
-        precision="fp32",
+        precision="fp32",  # for exactness checks: fp32, and probabilities as computed
+        probabilities="float32",
         batch_size=2,
         num_workers=1,
     )
@@ -192,6 +198,40 @@ def test_the_coyo_preset_computes_automls_eval(site, tmp_path: Path):
     # and it is not timm's antialiased transform: the downscaled photos differ from it
     timm_values, _ = _timm_at(site.checkpoint, images, size)
     assert (timm_values - values).abs().max() > 10 * PROB_TOLERANCE
+
+
+#: The card's example row (id 315): its first ten label_probs, as the card prints them.
+CARD_EXAMPLE_PROBS = (
+    0.4453125, 0.30419921875, 0.09417724609375, 0.033905029296875, 0.03240966796875,
+    0.0157928466796875, 0.01406097412109375, 0.01129150390625, 0.00978851318359375,
+    0.00841522216796875,
+)  # fmt: skip
+
+
+def _on_float16_grid(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float32)
+    return values.astype(np.float16).astype(np.float32) == values
+
+
+def test_the_coyo_preset_writes_probabilities_on_the_float16_grid(site, shards, tmp_path: Path):
+    """As the card's: each probability an exact float16 value (the card's example row is), stored
+    as float32 in the card's schema; ``probabilities=float32`` writes them as computed."""
+    assert _on_float16_grid(np.array(CARD_EXAMPLE_PROBS)).all()
+    folder, photos = shards
+    base = {"preset": "coyo", "model": demo.DEMO_MODEL, "checkpoint": str(site.checkpoint)}
+    grid = label_shards(str(folder), str(tmp_path / "a"), LabelSettings(**base, num_workers=1))
+    labels = pl.read_parquet(Path(grid.folder) / "*.parquet").filter(pl.col("error").is_null())
+    assert labels.height == len(photos)
+    assert labels.schema["label_probs"] == pl.List(pl.Float32)
+    probs = np.array(labels["label_probs"].to_list(), dtype=np.float32)
+    assert _on_float16_grid(probs).all()
+    assert (np.diff(probs, axis=1) <= 0).all()  # still in descending order
+    raw = LabelSettings(**base, num_workers=1, precision="fp32", probabilities="float32")
+    computed = label_shards(str(folder), str(tmp_path / "b"), raw)
+    assert computed.folder != grid.folder  # another labeler: its own label set
+    values = np.array(pl.read_parquet(Path(computed.folder) / "*.parquet")
+                      .filter(pl.col("error").is_null())["label_probs"].to_list())  # fmt: skip
+    assert not _on_float16_grid(values).all()
 
 
 def _timm_at(checkpoint: Path, images: list[bytes], size: int):
@@ -258,7 +298,9 @@ def test_decode_on_device_keeps_top1_and_imagehash(site, shards, tmp_path: Path)
     pil = _label(folder, tmp_path / "pil", site, precision="fp32", num_workers=0)
     dev = _label(folder, tmp_path / "dev", site, precision="fp32", decode_on_device=True)
     assert dev["id"].to_list() == pil["id"].to_list()
+    # imagehash is the downloader's pHash from the sample's json: the labeler computes none
     assert dev["imagehash"].to_list() == pil["imagehash"].to_list()
+    assert pil["imagehash"].to_list() == [f"{i - 1000:016x}" for i in pil["id"].to_list()]
     assert dev["labels"].list.first().to_list() == pil["labels"].list.first().to_list()
     diff = torch.tensor(dev["label_probs"].to_list()) - torch.tensor(pil["label_probs"].to_list())
     assert diff.abs().max().item() < DEVICE_DECODE_TOLERANCE
@@ -291,8 +333,12 @@ def test_defaults_fit_the_device():
     assert settings.resolved_batch_size(torch.device("cuda")) == 128
     assert settings.resolved_batch_size(torch.device("cpu")) == 32
     assert LabelSettings(batch_size=7).resolved_batch_size(torch.device("cuda")) == 7
-    assert settings.autocast_dtype(torch.device("cuda")) in (torch.bfloat16, None)
+    assert settings.autocast_dtype(torch.device("cuda")) == torch.float16  # the card's
     assert LabelSettings(precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    assert LabelSettings(precision="fp16").autocast_dtype(torch.device("cpu")) == torch.float16
+    # on the CPU, auto is bf16 where the CPU has it natively (the fastest there), else fp32
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert settings.autocast_dtype(torch.device("cpu")) == expected
     with pytest.raises(ValueError, match="precision must be one of"):
         LabelSettings(precision="fp8")
 

@@ -94,6 +94,11 @@ def test_one_partition_end_to_end(pipeline_run: PipelineRun, site):
     ]
     assert all(len(h) == 16 for h in subset["imagehash"])
     assert max(distances) <= 10, distances
+    # one pHash per image: the subset's imagehash is the downloader's pHash of the original
+    downloaded = pl.read_parquet(sorted((root / "downloaded_shards" / PART).glob("*.parquet")))
+    hashes = subset.join(downloaded.select("id", "phash"), on="id", how="left")
+    assert hashes["phash"].null_count() == 0
+    assert (hashes["imagehash"] == hashes["phash"]).all()
 
     for labels_row, probs_row in zip(subset["labels"], subset["label_probs"], strict=True):
         assert len(labels_row) == 50 and len(probs_row) == 50

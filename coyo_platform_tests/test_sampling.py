@@ -378,3 +378,15 @@ def test_bad_plan_settings_fail_before_any_work(dataset):
             in failure.step_failure_data.error.message
         )
         assert not (root / "subset_plan").exists()
+
+
+def test_the_default_threshold_is_one_the_card_allows():
+    """The card's preview row (top-1 0.2763672) clears the default, as it cleared Kakao's; and the
+    default is where the card's share-kept column, interpolated, keeps ~300M of ~490M labeled."""
+    preview = pl.DataFrame({"top1": [rules.CARD_PREVIEW_TOP1]}, schema={"top1": pl.Float32})
+    assert preview.select(rules.above(rules.DEFAULT_THRESHOLD)).item()
+    (t0, s0), (t1, s1) = [(t, s) for t, s in rules.CARD_SHARE_KEPT.items() if t in (0.20, 0.25)]
+    assert s1 < rules.CARD_KEPT_SHARE < s0  # the target share lies between those two rows
+    interpolated = t0 + (t1 - t0) * (s0 - rules.CARD_KEPT_SHARE) / (s0 - s1)
+    assert rules.DEFAULT_THRESHOLD == round(interpolated, 2) == 0.22
+    assert rules.Sampling().fixed_threshold() == rules.DEFAULT_THRESHOLD

@@ -38,7 +38,7 @@ def coyo_labeled_300m(
     context: dg.AssetExecutionContext, storage: StorageResource
 ) -> dg.MaterializeResult:
     """The COYO-Labeled-300M rows of a partition, in exactly the card's schema, as the sampling
-    plan (``subset_plan``) decides; before any plan, the default one (threshold 0.30)."""
+    plan (``subset_plan``) decides; before any plan, the default one (threshold 0.22)."""
     store = storage.store()
     plan = current_plan(store)
     try:

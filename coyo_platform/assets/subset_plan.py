@@ -61,6 +61,9 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
             "images_labeled": plan.images_labeled,
             "share_kept": plan.share_kept,
             "duplicates_dropped": plan.duplicates_dropped,
+            # rows downloaded before a part with a smaller id of their image_phash was registered
+            "crawl_duplicates_dropped": sum(plan.crawl_duplicates_dropped.values()),
+            "crawl_duplicates_by_partition": dg.MetadataValue.json(plan.crawl_duplicates_dropped),
             "classes_capped": plan.classes_capped,
             "partitions": len(plan.partitions),
             "digest": plan.digest,

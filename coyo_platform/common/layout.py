@@ -176,6 +176,12 @@ def duplicates(folder: str, bucket: int | None = None) -> str:
     return f"{folder}/duplicates/{'*' if bucket is None else f'{bucket:05d}'}.parquet"
 
 
+def crawl_duplicates(folder: str, key: str) -> str:
+    """A partition's rows that dedup before download would have dropped had a part registered
+    after its download been there (``ingest/dedup.py``), in a plan folder."""
+    return f"{folder}/duplicates/crawl-{key}.parquet"
+
+
 def class_cutoffs(folder: str) -> str:
     return f"{folder}/class_cutoffs.parquet"
 

@@ -28,6 +28,8 @@ OUTPUT_SETTINGS = (
     "max_pixels",
     "drift_distance",
     "drop_drifted",
+    "dedup_crawl_phash",
+    "keep_original",
 )
 #: The shards' own format: 2 added each row's ``transient`` flag to the parquet.
 FORMAT = 2

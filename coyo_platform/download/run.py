@@ -32,6 +32,7 @@ from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.download.shard import ShardDownloader, clear_staging
 from coyo_platform.download.statuses import BLOCKED
 from coyo_platform.download.summary import DownloadSummary, summarize
+from coyo_platform.ingest import dedup
 
 OnShard = Callable[[int, dict[str, int]], None]
 
@@ -142,8 +143,11 @@ def run_shards(
         if recover.finish_interrupted(store, output):  # rewrites cut short after their parquet
             _record_revisions(store, output)
         done = {int(s) for s in shards.finished(store, store.root) if s.isdigit()}
+        rows_url = metadata_url
+        if settings.dedup_crawl_phash:
+            rows_url = _deduplicated(metadata_url, store, bool(done), tmp)
         reader = Reader(
-            metadata_url,
+            rows_url,
             "parquet",
             "url",
             "text",
@@ -162,6 +166,36 @@ def run_shards(
             failed = _recover(store, output, settings, recovery, on_shard)
         clear_staging(output)
     return failed, recovery
+
+
+def _deduplicated(metadata_url: str, store: Storage, started: bool, tmp: str) -> str:
+    """The part's rows less its crawl duplicates (``ingest/dedup.py``), in a local file for
+    img2dataset's reader, in the part's order. Decided against the parts registered now, unless
+    a shard is finished already: then the frozen decision holds, so shards keep their rows."""
+    parts = _metadata_store(metadata_url)
+    part = metadata_url.rsplit("/", 1)[-1].removesuffix(".parquet")
+    if not started or dedup.decision(store) is None:
+        record = dedup.decide(parts, part, store)
+        print(
+            f"dedup before download: {record['dropped']:,} of {record['rows']:,} rows share "
+            "their crawl image_phash with a smaller id; not downloaded",
+            file=sys.stderr,
+        )
+    rows = parts.scan_parquet(metadata_url).join(
+        dedup.dropped_ids(store), on="id", how="anti", maintain_order="left"
+    )
+    path = os.path.join(tmp, "rows.parquet")
+    rows.collect().write_parquet(path)
+    return path
+
+
+def _expected_rows(store: Storage, metadata_url: str, settings: DownloadSettings) -> int | None:
+    """The rows the partition's shards hold once done: the part's, less its crawl duplicates
+    (None: not decided yet)."""
+    if settings.dedup_crawl_phash:
+        record = dedup.decision(store)
+        return None if record is None else record["kept"]
+    return pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
 
 
 def _recover(
@@ -255,18 +289,29 @@ def download_partition(
     output = store.root
     wanted = fingerprint.current(_metadata_store(metadata_url), metadata_url, settings)
     fingerprint.check_folder(store, output, wanted)
-    rows = pl.scan_parquet(metadata_url).select(pl.len()).collect().item()
-    expected = math.ceil(rows / settings.number_sample_per_shard)
+    per_shard = settings.number_sample_per_shard
+    rows = _expected_rows(store, metadata_url, settings)
     before = shards.finished(store, store.root)
     start = time.monotonic()
     failed: dict[int, str] = {}
     recovery = Recovery()
-    if len(before) < expected or settings.retry_failed or shards.pending_rewrites(store, output):
+    if (
+        rows is None
+        or len(before) < math.ceil(rows / per_shard)
+        or settings.retry_failed
+        or shards.pending_rewrites(store, output)
+    ):
         failed, recovery = run_shards(metadata_url, output, settings, on_shard)
+        rows = _expected_rows(store, metadata_url, settings)
+    expected = math.ceil((rows or 0) / per_shard)
     clear_staging(output)  # also what a run killed after its last shard left
     summary = summarize(store, set(before), time.monotonic() - start, settings.drift_distance)
     summary.retried, summary.recovered = recovery.retried, recovery.recovered
     summary.shards_revised = recovery.shards_revised
+    decided = dedup.decision(store) if settings.dedup_crawl_phash else None
+    if decided is not None:
+        summary.crawl_duplicates = decided["dropped"]
+        summary.crawl_duplicates_for = decided["dropped_for"]
     missing = expected - summary.shards
     if missing > 0:
         why = "; ".join(failed[s] for s in sorted(failed)[:3]) or "see the log"

@@ -29,7 +29,9 @@ class DownloadSettings:
     """Download settings: COYO's recipe at 512 px by default, plus the safety limits (the
     README's "The hostile web" and "Security")."""
 
-    image_size: int = setting(512, "longest side the images are resized to (COYO: 512)")
+    image_size: int = setting(
+        512, "side the images are resized to (keep_ratio: the shorter side; COYO: 512)"
+    )
     resize_mode: str = setting(
         "keep_ratio",
         "img2dataset's resize mode",
@@ -67,6 +69,16 @@ class DownloadSettings:
         2, "tries again for a shard that failed or met an outage, after outage_backoff, doubling"
     )
     outage_backoff: float = setting(30.0, "seconds before a shard is tried again (then doubled)")
+    dedup_crawl_phash: bool = setting(
+        True,
+        "download one row per crawl image_phash across the registered parts (the smallest id), "
+        "as the card's makers did; the others are never fetched or labeled",
+    )
+    keep_original: bool = setting(
+        False,
+        "store each image's original bytes as fetched (the card's model saw the crawled image) "
+        "instead of img2dataset's resized copy; the checks and filters still apply",
+    )
     retry_failed: bool = setting(
         False,
         "also fetch again the rows of finished shards that failed transiently; a shard that "

@@ -181,6 +181,7 @@ class ShardDownloader:
                 reasons[reason] += 1
                 if meta["transient"]:
                     transient[reason] += 1
+                writer.encode_format = extension(image) if self.settings.keep_original else "jpg"
                 writer.write(image, meta["key"], row["caption"], meta)
         writer.close()
         return counts, reasons, transient
@@ -280,6 +281,8 @@ class ShardDownloader:
                 f"{got.size[1]}, OpenCV {ow} x {oh})",
             )
             return None, meta
+        if self.settings.keep_original:  # the bytes as fetched; the resizer only checked them
+            image, w, h = got.data, ow, oh
         meta.update(
             width=w,
             height=h,
@@ -312,6 +315,16 @@ class ShardDownloader:
 
 
 _SHARD_SUFFIXES = (".tar", ".parquet", layout.STATS_DONE)
+
+#: A stored image's tar extension, by its first bytes (``keep_original``: any allowed format).
+_MAGIC = ((b"\x89PNG", "png"), (b"GIF8", "gif"), (b"BM", "bmp"), (b"RIFF", "webp"))
+
+
+def extension(image: bytes | None) -> str:
+    """``jpg`` for JPEGs (and what img2dataset re-encoded), else the original's format."""
+    head = (image or b"")[:4]
+    return next((ext for magic, ext in _MAGIC if head.startswith(magic)), "jpg")
+
 
 #: Rows composited at a time by :func:`matted`.
 MATTE_ROWS = 256

@@ -35,6 +35,8 @@ class DownloadSummary:
     retried: int = 0  # this run's retry_failed: rows fetched again,
     recovered: int = 0  # of them now images,
     shards_revised: int = 0  # in this many shards rewritten
+    crawl_duplicates: int | None = None  # rows not downloaded: dedup before download
+    crawl_duplicates_for: dict[str, int] | None = None  # by the part holding the smaller id
 
     @property
     def images_per_second(self) -> float:
@@ -76,6 +78,9 @@ class DownloadSummary:
         }
         if self.mean_distance is not None:
             figures["mean_phash_distance"] = round(self.mean_distance, 2)
+        if self.crawl_duplicates is not None:
+            figures["crawl_duplicates_dropped"] = self.crawl_duplicates
+            figures["crawl_duplicates_by_part"] = json_value(self.crawl_duplicates_for or {})
         return figures
 
 

@@ -5,7 +5,8 @@ fingerprint write the same labels (on the same kind of machine), so they share o
 The fingerprint: the model name, the weights' content digest (``weights.load_model``: the
 checkpoint file's sha256, so a copy under another path or URL is the same labeler), the
 preprocessing as resolved (input size, interpolation, mean, std, crop), the activation, the
-precision as resolved on this device (``auto`` is bf16 or fp32), the device type and where JPEGs
+precision as resolved on this device (``auto`` is fp16, bf16 or fp32), the probabilities'
+grid (float16 or as computed), the device type and where JPEGs
 are decoded (both change the numbers), and the torch and timm versions. Not in it: the batch
 size, the loader processes and the GPU model; a resume with the same settings batches alike.
 The id is ``<model>-<12 hex digits of the fingerprint's digest>``. Imports no ``dagster``.
@@ -26,13 +27,16 @@ def fingerprint(
     precision: str,
     device: str,
     decode: str,
+    probabilities: str = "float32",
 ) -> dict[str, Any]:
     import timm
     import torch
 
     automl = {"resize": "automl"} if config.get("resize") == "automl" else {}  # else: timm's
+    grid = {"probabilities": probabilities} if probabilities != "float32" else {}
     return {
         **automl,
+        **grid,
         "model": model,
         "weights_sha256": weights_sha256,
         "input_size": list(config["input_size"]),

@@ -1,10 +1,11 @@
 """The model on its device: uint8 batches in, the card's top 50 out.
 
 :class:`DeviceInputs` puts a batch on the device (a copy on a side CUDA stream, or JPEG bytes
-decoded and resized there); :class:`ModelStep` normalizes it, runs the model (bf16 autocast,
-channels_last) and selects the top 50 of the 21,841 card classes. Every batch is padded to the
-batch size, so every image goes through the same kernels. ``launch`` queues a batch and
-returns at once on CUDA; ``collect`` waits for that batch's labels. Imports no ``dagster``.
+decoded and resized there); :class:`ModelStep` normalizes it, runs the model (fp16 or bf16
+autocast, channels_last) and selects the top 50 of the 21,841 card classes (on the float16 grid
+for the coyo preset). Every batch is padded to the batch size, so every image goes through the
+same kernels. ``launch`` queues a batch and returns at once on CUDA; ``collect`` waits for that
+batch's labels. Imports no ``dagster``.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class ModelStep:
         self.model = torch.compile(model, dynamic=False) if settings.compile else model
         self.index = torch.as_tensor(goog_to_fall11(), device=device)
         self.activation = settings.activation
+        self.float16_grid = settings.probabilities == "float16"
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor([255 * m for m in self.config["mean"]], device=device).view(shape)
         self.std = torch.tensor([255 * s for s in self.config["std"]], device=device).view(shape)
@@ -148,20 +150,21 @@ class ModelStep:
 
     @property
     def precision(self) -> str:
-        return "bf16 autocast" if self.dtype else "fp32"
+        """``fp16``, ``bf16`` (autocast) or ``fp32``, as resolved on this device."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
 
     def fingerprint(self, settings: LabelSettings) -> dict[str, Any]:
         """This labeler's fingerprint (``labeler.py``), as resolved on this device."""
-        precision = "bf16" if self.dtype else "fp32"
         decode = "device" if settings.decode_on_device else "cpu"  # nvJPEG's pixels differ
         return labeler.fingerprint(
             settings.model,
             self.weights_sha256,
             self.config,
             self.activation,
-            precision,
+            self.precision,
             device=self.device.type,
             decode=decode,
+            probabilities=settings.probabilities,
         )
 
     def _normalized(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -180,6 +183,8 @@ class ModelStep:
         logits = logits.float()
         probs = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(-1)
         values, labels = probs.index_select(1, self.index).topk(TOP_K, dim=1)
+        if self.float16_grid:  # the card's values: each the nearest float16 (order kept)
+            values = values.half().float()
         labels = labels.int()
         if self.device.type != "cuda":
             return values, labels, None

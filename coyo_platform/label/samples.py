@@ -1,6 +1,8 @@
 """Downloaded shards as batches for the model: whole tars read in loader processes, each image
-decoded, hashed (pHash) and resized to a uint8 tensor (timm's eval transform, prefetcher form),
-batched within its shard.
+decoded and handed over as a uint8 tensor (its own pixels for automl's resize on the device, or
+timm's eval transform in prefetcher form), batched within its shard. The image's pHash is not
+computed here: ``imagehash`` is the downloader's pHash of the original image, from the sample's
+json (one pHash per image, the same in the download parquet, the labels and the subset).
 A sample that cannot be used is a record with its ``error``; a tar that cannot be read ends its
 shard with the error instead. Imports no ``dagster``."""
 
@@ -13,14 +15,13 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-import imagehash
 import torch
 from PIL import Image
 
 from coyo_platform.common import layout
 from coyo_platform.common.storage import Storage
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # gif, bmp: keep_original
 
 
 def build_transform(config: dict[str, Any]):
@@ -65,7 +66,8 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 def decode(
     shard: str, key: str, members: dict[str, bytes], transform, jpeg_on_device: bool
 ) -> dict[str, Any]:
-    """One sample's record: ``id``, original ``width``/``height``, ``imagehash`` and the model
+    """One sample's record: ``id``, original ``width``/``height``, ``imagehash`` (the
+    downloader's pHash of the original, from the sample's json) and the model
     ``input`` (a uint8 CHW tensor, or the JPEG's bytes to decode on the device), or its
     ``error``."""
     record: dict[str, Any] = {
@@ -86,7 +88,10 @@ def decode(
         record["error"] = f"sample json: {type(exc).__name__}: {str(exc)[:120]}"
         return record
     record.update(
-        id=meta.get("id"), width=meta.get("original_width"), height=meta.get("original_height")
+        id=meta.get("id"),
+        width=meta.get("original_width"),
+        height=meta.get("original_height"),
+        imagehash=meta.get("phash"),
     )
     data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     if record["id"] is None:
@@ -98,7 +103,6 @@ def decode(
             with Image.open(io.BytesIO(data)) as img:
                 is_jpeg = img.format == "JPEG"
                 rgb = img.convert("RGB")
-            record["imagehash"] = str(imagehash.phash(rgb))
             if jpeg_on_device and is_jpeg:
                 record["input"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             else:

@@ -13,7 +13,9 @@ from coyo_platform.common.settings import check_choices, setting
 
 DEFAULT_MODEL = "tf_efficientnetv2_xl.in21k"
 ACTIVATIONS = ("sigmoid", "softmax")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+#: How probabilities are written (``probabilities``): float16 values (the card's) or as computed.
+PROBABILITIES = ("float16", "float32")
 #: Batch sizes used when ``batch_size`` is not set. CUDA: 128, an estimate not yet measured on a
 #: GPU: EfficientNetV2-XL at 512 in inference frees activations layer by layer, and its largest
 #: layer output is 4.2M values per image (8 MB in bf16; counted with forward hooks on the CPU), so
@@ -34,6 +36,10 @@ CHECKPOINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "coyo_platfor
 #: device), then automl's (x - 128) / 128. Activation ``sigmoid``: the card's example
 #: probabilities sum to 1.0276, which softmax cannot give, and Google published these
 #: ImageNet-21k checkpoints as sigmoid-loss checkpoints "for multi-class pseudo labeling".
+#: Probabilities ``float16``: every probability of the card's example row is an exact float16
+#: value (the card was labeled under TF's mixed_float16), so each is rounded to the nearest
+#: float16 value and stored in the card's float32; with ``precision=auto`` the model runs float16
+#: autocast on CUDA, as the card's did.
 #:
 #: ``timm`` uses the model's own timm eval config (test size, interpolation, mean/std), still with
 #: the whole image squashed (no crop), and sigmoid unless ``activation`` says softmax (timm's own
@@ -47,8 +53,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mean": (128 / 255,) * 3,  # (x - 128) / 128 on 0-255 pixels, as automl's eval
         "std": (128 / 255,) * 3,
         "activation": "sigmoid",
+        "probabilities": "float16",
     },
-    "timm": {"model": DEFAULT_MODEL, "activation": "sigmoid", "resize": "timm"},
+    "timm": {
+        "model": DEFAULT_MODEL,
+        "activation": "sigmoid",
+        "resize": "timm",
+        "probabilities": "float32",
+    },
 }
 #: How images reach the model's input size (``resize``).
 RESIZES = ("automl", "timm")
@@ -93,7 +105,16 @@ class LabelSettings:
     mean: tuple[float, ...] | None = setting(None, "normalization mean, 3 values (default: preset)")
     std: tuple[float, ...] | None = setting(None, "normalization std, 3 values (default: preset)")
     precision: str = setting(
-        "auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32", PRECISIONS
+        "auto",
+        "auto: fp16 autocast on CUDA (the card's), bf16 on CPUs with native bf16 (the fastest "
+        "there), else fp32; fp32: for exactness checks",
+        PRECISIONS,
+    )
+    probabilities: str | None = setting(
+        None,
+        "float16: each probability rounded to the nearest float16 value, as the card's (stored "
+        "as float32); float32: as computed (default: the preset's)",
+        PROBABILITIES,
     )
     batch_size: int | None = setting(None, "images per batch (default: 128 on CUDA, 32 on CPU)")
     num_workers: int | None = setting(None, "loader processes (default: one per core but one)")
@@ -101,7 +122,7 @@ class LabelSettings:
     channels_last: bool = setting(True, "run the model in channels_last memory format")
     compile: bool = setting(False, "torch.compile the model: faster once warm, minutes to compile")
     decode_on_device: bool = setting(
-        False, "decode JPEGs on the model's device with nvJPEG (torchvision); pHash stays on CPU"
+        False, "decode JPEGs on the model's device with nvJPEG (torchvision)"
     )
 
     def __post_init__(self) -> None:
@@ -154,15 +175,17 @@ class LabelSettings:
         return self.batch_size or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
 
     def autocast_dtype(self, device):
-        """bf16 for autocast, or None for plain fp32."""
+        """fp16 or bf16 for autocast, or None for plain fp32. ``auto`` on the CPU: bf16 where
+        the CPU has it natively, else fp32. Measured on an AMX Xeon (benchmarks/precision.py,
+        RESULTS.md): bf16 1.8x as fast as fp32; fp16, though 9x closer to fp32 than bf16, no
+        faster than fp32, so it buys nothing fp32 does not give exactly."""
         import torch
 
-        if self.precision == "fp32":
-            return None
-        if self.precision == "bf16":
-            return torch.bfloat16
+        chosen = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if self.precision in chosen:
+            return chosen[self.precision]
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+            return torch.float16
         if device.type == "cpu":
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
         return None

@@ -17,6 +17,7 @@ import polars as pl
 from coyo_platform.common import layout
 from coyo_platform.common.provenance import digest
 from coyo_platform.common.storage import Storage
+from coyo_platform.ingest import dedup
 from coyo_platform.sample.rules import (
     DEFAULT_THRESHOLD,
     Indexes,
@@ -31,7 +32,7 @@ from coyo_platform.sample.rules import (
 )
 from coyo_platform.stats.aggregate import FINE_BINS, Aggregate, bin_of, merge_aggregates
 
-PLAN_VERSION = 2  # 2: the labelers
+PLAN_VERSION = 3  # 2: the labelers; 3: crawl duplicates found after download
 
 
 class PlanMismatch(ValueError):
@@ -59,6 +60,9 @@ class Plan:
     images_labeled: int = 0
     images_eligible: int = 0
     duplicates_dropped: int = 0
+    crawl_duplicates_dropped: dict[str, int] = field(default_factory=dict)
+    """Per partition: rows downloaded before a part holding their image_phash with a smaller id
+    was registered (``ingest/dedup.py``), dropped here."""
     classes_capped: int = 0
     rows: int = 0
     rows_per_partition: dict[str, int] = field(default_factory=dict)
@@ -157,6 +161,41 @@ def _dedup(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str]
     log(f"deduplication: {eligible.duplicates:,} images share a pHash with a better one")
 
 
+def _crawl_later(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]):
+    """Drop the rows that dedup before download keeps no more: a part registered after a
+    partition's download holds their crawl image_phash with a smaller id. Returns the count per
+    partition and a digest of the ids (None: none)."""
+    parts = Storage(store.url(layout.METADATA))
+    now = dedup.registered(parts)
+    found: dict[str, int] = {}
+    ids: list[list[int]] = []
+    indexes = []
+    for key, lf in eligible.indexes:
+        later = dedup.later_losers(parts, key, Storage(layout.shards(store, key)), now)
+        if later is not None and later.height:
+            losers = (
+                lf.join(later.lazy().select("id", "kept_id"), on="id")
+                .with_columns(partition=pl.lit(key))
+                .select("partition", "id", "top1", "top1_class", "kept_id")
+                .sort("id")
+                .collect()
+            )
+            store.write_parquet(layout.crawl_duplicates(folder, key), losers.to_arrow())
+            found[key], lf = losers.height, drop_duplicates(lf, losers.lazy())
+            ids.append(losers["id"].to_list())
+            by = ", ".join(f"{p} {n}" for p, n in sorted(later["kept_part"].value_counts().rows()))
+            log(
+                f"dedup before download, {key}: {later.height:,} rows downloaded before a part "
+                f"holding their image_phash with a smaller id was registered ({by}); "
+                f"{losers.height:,} of them labeled, dropped from the subset"
+            )
+        indexes.append((key, lf))
+    eligible.indexes = indexes
+    if found:
+        eligible.duplicates_glob = layout.duplicates(folder)
+    return found, digest(ids) if found else None
+
+
 def _caps(
     store: Storage, folder: str, eligible: _Eligible, cap: int, log: Callable[[str], Any]
 ) -> None:
@@ -221,6 +260,7 @@ def make_plan(
     merged = merge_aggregates(stats.values())
     folder = layout.plan_folder(store, uuid.uuid4().hex[:12])
     eligible = _Eligible([(k, store.scan_parquet(layout.index(store, k))) for k in keys])
+    crawl, crawl_digest = _crawl_later(store, folder, eligible, log)
     if sampling.dedup:
         _dedup(store, folder, eligible, log)
     if sampling.class_cap is not None:
@@ -238,18 +278,22 @@ def make_plan(
         sampling, threshold, eligible.duplicates_digest, eligible.cutoffs_digest
     )
     decided["labelers"] = sorted(set(labelers.values()))
-    if sampling.is_global:
+    is_global = sampling.is_global or bool(crawl)  # then it depends on the other parts too
+    if crawl_digest:
+        decided["crawl_duplicates"] = crawl_digest
+    if is_global:
         decided["partitions"] = sorted(keys)
     return Plan(
         digest=digest(decided),
         sampling=sampling,
         threshold=threshold,
-        is_global=sampling.is_global,
+        is_global=is_global,
         partitions=sorted(keys),
         target_rows=target,
         images_labeled=merged.images,
         images_eligible=sum(histogram.values()),
         duplicates_dropped=eligible.duplicates,
+        crawl_duplicates_dropped=crawl,
         classes_capped=0 if eligible.cutoffs is None else eligible.cutoffs.height,
         rows=sum(rows.values()),
         rows_per_partition=rows,

@@ -42,10 +42,19 @@ from coyo_platform.common.labelspace import NUM_CLASSES
 from coyo_platform.common.settings import setting
 from coyo_platform.stats.aggregate import FINE_BINS, bin_of
 
-#: Default top-1 threshold. Kakao did not publish theirs. Extrapolating the card's share-kept
-#: column (96.7%, 85.8%, 74.5%, 64.3%, 55.6% at 0.05..0.25, falling ~8-11 points per 0.05) puts
-#: 0.30 near 48% of labeled images: about 300M of the ~640M COYO-700M images still downloadable.
-DEFAULT_THRESHOLD = 0.30
+#: The card's evidence on its threshold (Kakao did not publish it; FACTS.md section 6):
+#: its threshold table's share of labeled images kept at 0.05 .. 0.25,
+CARD_SHARE_KEPT = {0.05: 0.967, 0.10: 0.858, 0.15: 0.745, 0.20: 0.643, 0.25: 0.556}
+#: the lowest top-1 probability in the subset README's preview (id 1105): the threshold is at
+#: most this,
+CARD_PREVIEW_TOP1 = 0.2763672
+#: and the share its 300M images are of those labeled: ~580M unique ``image_phash`` (labeled
+#: once each, after dedup), ~85% of them still downloadable, so ~490M labeled.
+CARD_KEPT_SHARE = 300 / 490
+#: Default top-1 threshold: where the card's share-kept column, interpolated linearly between its
+#: 0.20 and 0.25 rows, keeps ``CARD_KEPT_SHARE`` (0.218, rounded to 0.22: 60.8% kept); below
+#: the preview row's 0.276, so that row is in the subset, as it is in the card's.
+DEFAULT_THRESHOLD = 0.22
 #: Rows read per pHash range in deduplication (24 bytes each before the sort; not benchmarked).
 BUCKET_ROWS = 8_000_000
 #: Rows held by the class-cap pass at once.
@@ -64,7 +73,7 @@ def check_threshold(threshold: float) -> float:
 @dataclass(frozen=True)
 class Sampling:
     """How the subset is chosen: one of ``threshold``, ``target_rows``, ``target_fraction``
-    (none: threshold 0.30), optionally with ``dedup`` and ``class_cap``."""
+    (none: threshold 0.22), optionally with ``dedup`` and ``class_cap``."""
 
     threshold: float | None = setting(
         None, f"keep images whose top-1 probability is >= this (default {DEFAULT_THRESHOLD})"

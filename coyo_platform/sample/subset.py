@@ -2,7 +2,8 @@
 
 Output is exactly the card's schema and column order (``common.formats.CARD_SCHEMA``). ``url``
 comes from the source part, joined on COYO's ``id`` (never on row position); ``width``/``height``
-are the downloaded image's original size; ``imagehash`` is the pHash of the downloaded image.
+are the downloaded image's original size; ``imagehash`` is the downloader's pHash of the
+original image (the one pHash each image gets).
 Which rows are kept (threshold, duplicates, class caps) is the plan's decision (``plan.py``).
 Imports no ``dagster``.
 """
