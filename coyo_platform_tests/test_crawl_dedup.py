@@ -104,6 +104,8 @@ def test_dedup_before_download_keeps_the_smallest_id_whatever_the_order(site, tm
         assert decided[part]["dropped"] == len(dropped)
         assert dropped <= set(lost_to)
     plan = json.loads((data / "subset_plan" / "plan.json").read_text())
+    # the plan counts what the subset keeps (every labeled image clears the default threshold)
+    assert plan["images_eligible"] == plan["rows"] == len(every_id - set(lost_to))
     if order[0] == "part-00000":
         # part 0 went first: its row 2 was downloaded before part 1 (with a smaller id for
         # its image_phash) was registered; the plan names it and drops it from the subset
@@ -127,3 +129,32 @@ def test_dedup_before_download_can_be_turned_off(site, tmp_path):
     data = work / "data"
     assert _downloaded(data, "part-00000") == set(_ids(0))
     assert not (data / "downloaded_shards" / "part-00000" / "_crawl_dedup.json").exists()
+
+
+def test_a_part_cleared_or_added_later_is_named_not_silently_applied(tmp_path):
+    """The frozen decision against parts registered since: a part added with a smaller id takes
+    a downloaded row (``later``); a part removed leaves rows never downloaded (``revived``)."""
+    from coyo_platform.common.storage import Storage
+    from coyo_platform.ingest import dedup
+
+    copies = Storage(str(tmp_path / "coyo700m_metadata"))
+
+    def register(part: str, ids: list[int], hashes: list[str | None]) -> None:
+        frame = pl.DataFrame({"id": ids, "image_phash": hashes}, schema_overrides={"id": pl.Int64})
+        copies.write_parquet(copies.url(f"{part}.parquet"), frame.to_arrow())
+
+    register("part-a", [10, 20, 30, 40], ["h1", "h2", "h2", None])
+    register("part-b", [5, 25], ["h1", "h9"])
+    folder = Storage(str(tmp_path / "downloaded_shards" / "part-a"))
+    record = dedup.decide(copies, "part-a", folder)
+    assert (record["rows"], record["dropped"], record["kept"]) == (4, 2, 2)  # 10 to b, 30 to 20
+    assert record["dropped_for"] == {"part-a": 1, "part-b": 1}
+    assert dedup.since(copies, "part-a", folder, dedup.registered(copies)).later.is_empty()
+
+    register("part-c", [15], ["h2"])  # a smaller id for h2: part-a's downloaded 20 loses it
+    changed = dedup.since(copies, "part-a", folder, dedup.registered(copies))
+    assert changed.later.rows() == [(20, 15, "part-c")] and changed.revived == 0
+
+    copies.fs.rm(copies.url("part-b.parquet"))  # cleared: part-a's 10 was dropped for nothing
+    changed = dedup.since(copies, "part-a", folder, dedup.registered(copies))
+    assert changed.revived == 1

@@ -64,6 +64,8 @@ def subset_plan(context: dg.AssetExecutionContext, config: PlanConfig, storage: 
             # rows downloaded before a part with a smaller id of their image_phash was registered
             "crawl_duplicates_dropped": sum(plan.crawl_duplicates_dropped.values()),
             "crawl_duplicates_by_partition": dg.MetadataValue.json(plan.crawl_duplicates_dropped),
+            # rows never downloaded for a part no longer registered as it was: clear and rerun
+            "crawl_duplicates_revived": dg.MetadataValue.json(plan.crawl_duplicates_revived),
             "classes_capped": plan.classes_capped,
             "partitions": len(plan.partitions),
             "digest": plan.digest,

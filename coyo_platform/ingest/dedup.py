@@ -10,7 +10,7 @@ that decision is frozen with its shards (``downloaded_shards/<part>/_crawl_dedup
 ``_crawl_dedup/dropped.parquet``, out of the way of globs for the shards' parquets): a resumed
 download never reshuffles its shards. A part registered later can only take the smallest id away
 from rows already downloaded (never give it to a row that was dropped), so nothing is ever
-downloaded again: :func:`later_losers` names those rows, and the sampling plan drops them from
+downloaded again: :func:`since` names those rows, and the sampling plan drops them from
 the subset (README, "Dedup before download").
 
 Memory: the part's own unique hashes, and the other parts' rows that share one of them, never
@@ -19,6 +19,7 @@ all rows. Imports no ``dagster``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -104,20 +105,26 @@ def dropped_ids(folder: Storage) -> pl.LazyFrame:
     return folder.scan_parquet(folder.url(DROPPED)).select("id")
 
 
-def later_losers(
-    parts: Storage, part: str, folder: Storage, now: dict[str, str]
-) -> pl.DataFrame | None:
-    """The rows of ``part`` downloaded under its frozen decision that a part registered (or
-    changed) since then holds with a smaller id (``now``: :func:`registered`): ``id``,
-    ``kept_id``, ``kept_part``. None when the part was downloaded without dedup; empty when
-    nothing was registered since."""
+@dataclass
+class Since:
+    """What the parts registered since a download change for it."""
+
+    later: pl.DataFrame  # rows downloaded that a smaller id elsewhere now holds (id, kept_id, ...)
+    revived: int = 0  # rows not downloaded whose holder is gone (its part cleared or changed)
+
+
+def since(parts: Storage, part: str, folder: Storage, now: dict[str, str]) -> Since | None:
+    """Against the parts registered ``now`` (:func:`registered`), the rows of ``part``'s frozen
+    decision the rule no longer agrees with. None when the part was downloaded without dedup;
+    nothing when no part was registered, changed or removed since."""
     record = decision(folder)
     if record is None:
         return None
     if now == record["registered"]:
-        return pl.DataFrame(schema={"id": pl.Int64, "kept_id": pl.Int64, "kept_part": pl.String})
-    return (
-        losers(parts, part, list(now))
-        .join(dropped_ids(folder).collect(), on="id", how="anti")
-        .sort("id")
-    )
+        empty = {"id": pl.Int64, "kept_id": pl.Int64, "kept_part": pl.String}
+        return Since(pl.DataFrame(schema=empty))
+    current = losers(parts, part, list(now))
+    dropped = dropped_ids(folder).collect()
+    later = current.join(dropped, on="id", how="anti").sort("id")
+    revived = dropped.join(current.select("id"), on="id", how="anti").height
+    return Since(later, revived)

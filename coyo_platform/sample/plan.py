@@ -63,6 +63,8 @@ class Plan:
     crawl_duplicates_dropped: dict[str, int] = field(default_factory=dict)
     """Per partition: rows downloaded before a part holding their image_phash with a smaller id
     was registered (``ingest/dedup.py``), dropped here."""
+    crawl_duplicates_revived: dict[str, int] = field(default_factory=dict)
+    """Per partition: rows never downloaded for a part no longer registered as it was."""
     classes_capped: int = 0
     rows: int = 0
     rows_per_partition: dict[str, int] = field(default_factory=dict)
@@ -164,14 +166,24 @@ def _dedup(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str]
 def _crawl_later(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]):
     """Drop the rows that dedup before download keeps no more: a part registered after a
     partition's download holds their crawl image_phash with a smaller id. Returns the count per
-    partition and a digest of the ids (None: none)."""
+    partition, a digest of the ids (None: none), and per partition the rows not downloaded
+    for a part no longer registered as it was."""
     parts = Storage(store.url(layout.METADATA))
     now = dedup.registered(parts)
     found: dict[str, int] = {}
+    revived: dict[str, int] = {}
     ids: list[list[int]] = []
     indexes = []
     for key, lf in eligible.indexes:
-        later = dedup.later_losers(parts, key, Storage(layout.shards(store, key)), now)
+        changed = dedup.since(parts, key, Storage(layout.shards(store, key)), now)
+        if changed is not None and changed.revived:
+            revived[key] = changed.revived
+            log(
+                f"dedup before download, {key}: {changed.revived:,} rows were not downloaded "
+                "for a part that is no longer registered as it was (cleared or changed); to "
+                f"download them: coyo-platform clear --parts {key} --from downloaded_shards"
+            )
+        later = changed.later if changed is not None else None
         if later is not None and later.height:
             losers = (
                 lf.join(later.lazy().select("id", "kept_id"), on="id")
@@ -193,7 +205,7 @@ def _crawl_later(store: Storage, folder: str, eligible: _Eligible, log: Callable
     eligible.indexes = indexes
     if found:
         eligible.duplicates_glob = layout.duplicates(folder)
-    return found, digest(ids) if found else None
+    return found, digest(ids) if found else None, revived
 
 
 def _caps(
@@ -260,12 +272,13 @@ def make_plan(
     merged = merge_aggregates(stats.values())
     folder = layout.plan_folder(store, uuid.uuid4().hex[:12])
     eligible = _Eligible([(k, store.scan_parquet(layout.index(store, k))) for k in keys])
-    crawl, crawl_digest = _crawl_later(store, folder, eligible, log)
+    crawl, crawl_digest, revived = _crawl_later(store, folder, eligible, log)
     if sampling.dedup:
         _dedup(store, folder, eligible, log)
     if sampling.class_cap is not None:
         _caps(store, folder, eligible, sampling.class_cap, log)
-    histogram = _histogram(eligible, merged, sampling.dedup or sampling.class_cap is not None)
+    filtered = sampling.dedup or sampling.class_cap is not None or bool(crawl)
+    histogram = _histogram(eligible, merged, filtered)
     threshold, target = sampling.fixed_threshold(), None
     if threshold is None:
         target = sampling.target_rows or max(1, round(sampling.target_fraction * merged.images))
@@ -294,6 +307,7 @@ def make_plan(
         images_eligible=sum(histogram.values()),
         duplicates_dropped=eligible.duplicates,
         crawl_duplicates_dropped=crawl,
+        crawl_duplicates_revived=revived,
         classes_capped=0 if eligible.cutoffs is None else eligible.cutoffs.height,
         rows=sum(rows.values()),
         rows_per_partition=rows,
