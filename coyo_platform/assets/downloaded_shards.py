@@ -35,7 +35,8 @@ def downloaded_shards(
     storage: StorageResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    """The part's images, downloaded by img2dataset into webdataset shards (resumes on rerun)."""
+    """The part's images, downloaded by img2dataset into webdataset shards (resumes on rerun):
+    one row per crawl image_phash across the registered parts (dedup before download)."""
     settings = settings_or_fail(config, "downloaded_shards")
     store, key = storage.store(), context.partition_key
     metadata, folder = layout.metadata(store, key), layout.shards(store, key)

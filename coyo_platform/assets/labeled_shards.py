@@ -35,9 +35,10 @@ def labeled_shards(
     storage: StorageResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    """Top-50 ImageNet-21k labels (card's 21,841 classes) and pHash for every downloaded image,
-    in the label set of this labeler (``labeled_shards/<labeler id>/<part>/``), which then becomes
-    the partition's current one; another labeler's labels are never reused or overwritten."""
+    """Top-50 ImageNet-21k labels (card's 21,841 classes) for every downloaded image, with the
+    downloader's pHash as its ``imagehash``, in the label set of this labeler
+    (``labeled_shards/<labeler id>/<part>/``), which then becomes the partition's current one;
+    another labeler's labels are never reused or overwritten."""
     # the label program's own checks (a model name timm knows, the preset, sizes...), here, before
     # any program or GPU task starts: a typo fails the step at once, and is not retried
     settings_or_fail(config, "labeled_shards")
