@@ -40,8 +40,11 @@ def test_label_benchmark_prints_all_three_rates_and_ratios(tmp_path: Path):
     for line in ("(a) model alone", "(b) label program end to end", "(c) timm inference.py style"):
         assert line in done.stdout
     assert "target b/c >= 1.3" in done.stdout and "b/a = " in done.stdout
+    assert "(d) loader CPU per image: coyo preset, 512 px path" in done.stdout
+    assert "(target <= 2.5 ms per core" in done.stdout
     figures = json.loads(out.read_text())
     assert figures["b_images_labeled"] == 48
+    assert figures["d_loader_cpu_ms_per_image_coyo_512"] > 0
     assert figures["outputs"] == 21_843
     for key in ("a_model_alone", "b_label_program", "c_baseline", "b/a", "b/c", "peak_rss_mb_all"):
         assert figures[key] > 0

@@ -399,3 +399,22 @@ def test_weights_digest_covers_every_tensor_of_a_batchnorm_model():
     with torch.no_grad():
         next(iter(model.parameters())).view(-1)[0] += 1e-3
     assert weights_digest(model) != first
+
+
+def test_the_coyo_loader_decodes_jpegs_to_the_pixels_pil_gives(site):
+    """The coyo preset's loader decodes RGB and greyscale JPEGs with libjpeg-turbo into a CHW
+    tensor (no PIL image, no copy): the same pixels as PIL's ``convert("RGB")``; other images
+    (a PNG here) go through PIL."""
+    import io
+
+    from coyo_platform.label.samples import decode, original_pixels
+
+    photos = sorted(site.images.glob("*.jpg"))[:6] + sorted(site.images.glob("*.png"))[:1]
+    gray = io.BytesIO()
+    Image.open(photos[0]).convert("L").save(gray, "JPEG", quality=90)
+    blobs = [p.read_bytes() for p in photos] + [gray.getvalue()]
+    for data in blobs:
+        got = decode("s", "k", {"jpg": data, "json": b'{"id": 1}'}, original_pixels, False)
+        want = original_pixels(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert got["error"] is None
+        assert got["input"].dtype == torch.uint8 and torch.equal(got["input"], want)
