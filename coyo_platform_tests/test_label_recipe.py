@@ -418,3 +418,13 @@ def test_the_coyo_loader_decodes_jpegs_to_the_pixels_pil_gives(site):
         want = original_pixels(Image.open(io.BytesIO(data)).convert("RGB"))
         assert got["error"] is None
         assert got["input"].dtype == torch.uint8 and torch.equal(got["input"], want)
+
+
+def test_a_broken_jpeg_for_the_device_is_that_images_error(site):
+    """With decode_on_device, the coyo loader still decodes each JPEG once on the CPU, so a
+    truncated one is a per-image error there, never a failure of the device's batch."""
+    from coyo_platform.label.samples import decode, original_pixels
+
+    broken = (site.images / "truncated.jpg").read_bytes()
+    got = decode("s", "k", {"jpg": broken, "json": b'{"id": 1}'}, original_pixels, True)
+    assert got["input"] is None and got["error"].startswith("decode:")

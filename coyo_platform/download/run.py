@@ -181,6 +181,8 @@ def _deduplicated(metadata_url: str, store: Storage, started: bool, tmp: str) ->
             "their crawl image_phash with a smaller id; not downloaded",
             file=sys.stderr,
         )
+    if not dedup.decision(store)["dropped"]:
+        return metadata_url  # nothing dropped: no copy of the part to write
     rows = parts.scan_parquet(metadata_url).join(
         dedup.dropped_ids(store), on="id", how="anti", maintain_order="left"
     )

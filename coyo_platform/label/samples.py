@@ -46,9 +46,9 @@ def original_pixels(rgb: Image.Image) -> torch.Tensor:
 
 def jpeg_pixels(data: bytes) -> torch.Tensor:
     """An RGB or greyscale JPEG as a uint8 RGB CHW tensor, at its own size: torchvision's
-    libjpeg-turbo decode, the same pixels as PIL's ``convert("RGB")`` (checked on 300 photos
-    and a greyscale JPEG: identical) in 1.65 ms instead of 3.96 ms per 512 px photo, with no
-    CHW copy (benchmarks/RESULTS.md)."""
+    libjpeg-turbo decode, the same pixels as PIL's ``convert("RGB")`` (identical on the 300
+    benchmark photos and a greyscale JPEG; a test checks it), without PIL's image or the CHW
+    copy (``make bench``'s (d): benchmarks/RESULTS.md)."""
     import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -116,10 +116,10 @@ def decode(
         try:
             with Image.open(io.BytesIO(data)) as img:  # the header only, so far
                 is_jpeg, mode = img.format == "JPEG", img.mode
-                if transform is original_pixels and is_jpeg and mode in ("RGB", "L"):
-                    rgb = None  # libjpeg-turbo straight into a CHW tensor (below)
-                else:
-                    rgb = img.convert("RGB")
+                turbo = transform is original_pixels and is_jpeg and mode in ("RGB", "L")
+                # a JPEG for the device is still decoded here once: a broken one is this
+                # image's error, not a failure of the device's batch
+                rgb = None if turbo and not jpeg_on_device else img.convert("RGB")
             if jpeg_on_device and is_jpeg:
                 record["input"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             elif rgb is None:
