@@ -3,7 +3,8 @@
 # make ui:   open the Dagster UI on the same instance (http://127.0.0.1:3000)
 # make bench / bench-gpu: the labeling benchmark (benchmarks/label.py) on the CPU / one GPU
 # make bench-stats: label stats and the target threshold vs DuckDB (benchmarks/stats.py)
-# make bench-download: the guarded download program vs img2dataset's own (benchmarks/download.py)
+# make bench-download: the guarded download program vs img2dataset's own (benchmarks/download.py):
+#   CPU-bound on one loopback server, then a realistic web (64 hosts, TLS, latency, stalls)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -53,6 +54,7 @@ bench-stats: $(BIN)/coyo-platform
 
 bench-download: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/download.py
+	$(BIN)/python benchmarks/download.py --web
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -15,14 +15,16 @@ parameter set under ``--workdir`` and reused.
 Then, for each size (the first 1, 2, 4 ... parts), in a fresh subprocess per engine, one after the
 other, so each peak RSS is that engine's own:
 
-  ours:   per part ``stats.aggregate.aggregate_files`` (the label_stats asset's call) and its index
-          written as parquet; ``merge_aggregates``, ``stats.report.threshold_rows``; the exact
+  ours:   per part ``stats.aggregate.aggregate_files`` (the label_stats asset's call: DuckDB
+          reading and counting a chunk of files at a time, the index written as parquet) and its
+          JSON; ``merge_aggregates``, ``stats.report.threshold_rows``; the exact
           threshold for a target of 40% of labeled images with ``sample.rules.threshold_for_target``
           reading the fine histogram's bin from the index files (``sample.plan``'s own filter);
   duckdb: the same outputs in SQL: one scan into a compact temp table (top-1, top-1 class and the
           (label, prob) pairs above the lowest threshold), then the threshold table, per-class
           counts per threshold, labels-per-image, top-1 classes, the 20-bin histogram and the
-          k-th largest top-1 with the same closest-size rule.
+          k-th largest top-1 with the same closest-size rule; with ``preserve_insertion_order``
+          off (its faster mode, as ours runs it).
 
 Both must agree exactly (every count, the threshold and its size), else it prints MISMATCH and
 exits 1. It prints rows/s, peak RSS, the ratio duckdb seconds / ours seconds (>= 1: ours is at
@@ -213,28 +215,27 @@ def part_files(data: Path, parts: int) -> list[list[str]]:
 
 def run_ours(data: Path, parts: int, run_dir: Path) -> dict:
     import polars as pl
-    import pyarrow.parquet as pq
 
+    from coyo_platform.common.storage import Storage
     from coyo_platform.sample import rules
     from coyo_platform.stats import aggregate as stats
     from coyo_platform.stats.report import threshold_rows
 
     assert stats.CARD_THRESHOLDS == CARD_THRESHOLDS
-    steps = dict.fromkeys(("aggregate_files", "write_index", "merge", "threshold"), 0.0)
+    steps = dict.fromkeys(("aggregate_files", "write_json", "merge", "threshold"), 0.0)
     start = time.perf_counter()
+    store = Storage(str(run_dir))
     aggs, index_files = [], []
     for p, files in enumerate(part_files(data, parts)):
         t = time.perf_counter()
-        agg, index = stats.aggregate_files(pl.scan_parquet, files, stats.CARD_THRESHOLDS)
-        steps["aggregate_files"] += time.perf_counter() - t
+        path = str(run_dir / f"part-{p:05d}.index.parquet")
+        agg = stats.aggregate_files(files, stats.CARD_THRESHOLDS, store, index_url=path)
+        steps["aggregate_files"] += time.perf_counter() - t  # the index written included
         t = time.perf_counter()
-        path = run_dir / f"part-{p:05d}.index.parquet"
-        pq.write_table(index, path, compression="zstd")  # as Storage.write_parquet's default
-        (run_dir / f"part-{p:05d}.json").write_text(json.dumps(agg.to_json()))
-        steps["write_index"] += time.perf_counter() - t
-        index_files.append(str(path))
+        store.write_json(str(run_dir / f"part-{p:05d}.json"), agg.to_json())
+        steps["write_json"] += time.perf_counter() - t
+        index_files.append(path)
         aggs.append(agg)
-        del index
     t = time.perf_counter()
     merged = stats.merge_aggregates(aggs)
     table = threshold_rows(merged)
@@ -288,7 +289,7 @@ def run_duckdb(data: Path, parts: int, run_dir: Path, memory_limit: str | None) 
 
     ts = CARD_THRESHOLDS
     start = time.perf_counter()
-    con = duckdb.connect()
+    con = duckdb.connect(config={"preserve_insertion_order": False})
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit}'")
     globs = ", ".join(f"'{data}/part-{p:05d}/*.parquet'" for p in range(parts))
@@ -404,8 +405,13 @@ def child(args) -> None:
 
 
 def _library(engine: str) -> str:
-    module = __import__("polars" if engine == "ours" else "duckdb")
-    return f"{module.__name__} {module.__version__}"
+    import duckdb
+
+    if engine == "ours":
+        import polars
+
+        return f"duckdb {duckdb.__version__}, polars {polars.__version__}"
+    return f"duckdb {duckdb.__version__}"
 
 
 def measure(engine: str, data: Path, parts: int, run_dir: Path, args) -> dict:

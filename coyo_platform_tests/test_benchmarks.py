@@ -4,6 +4,7 @@ results are in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,20 @@ def test_stats_benchmark_prints_both_engines_the_ratio_and_agreement(tmp_path: P
     assert "extrapolated to 747,000,000 rows" in out and "machine: " in out
 
 
-def test_download_benchmark_prints_both_engines_and_the_ratio():
+def _ratio_line(lines: list[str], target: str) -> str:
+    """The benchmark's last line: the ratio, its target and met/missed (any value)."""
+    shape = re.compile(
+        r"ours / img2dataset \(images per second\): \d+\.\d\d "
+        rf"\(target >= {re.escape(target)}: (met|missed)\)"
+    )
+    assert shape.fullmatch(lines[-1]), lines[-1]
+    return lines[-1]
+
+
+def test_download_benchmark_prints_both_engines_and_the_ratio(tmp_path: Path):
+    out = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/download.py", "--quick"],
+        [sys.executable, "benchmarks/download.py", "--quick", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -83,7 +95,58 @@ def test_download_benchmark_prints_both_engines_and_the_ratio():
     for engine in ("img2dataset", "ours"):
         [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
         assert "peak RSS" in line
-    assert any(ln.startswith("ours / img2dataset (images per second): ") for ln in lines)
+    _ratio_line(lines, "0.95")
+    assert any(ln.startswith("# load average before: ") for ln in lines)
+    assert any(ln.startswith("# load average after: ") for ln in lines)
+    figures = json.loads(out.read_text())
+    assert figures["target"] == 0.95 and figures["ratio_images_per_second"] > 0
+    assert all(figures["engines"][e]["success"] == 40 for e in ("img2dataset", "ours"))
+
+
+def test_download_web_benchmark_reaches_tls_hosts_and_times_out_stalled_ones(tmp_path: Path):
+    """``--web --quick``: 150 rows over 64 loopback hosts (16 over TLS, verified against the
+    benchmark's throwaway CA; 3 that never answer). Both engines report, both download over TLS,
+    both time out on every stalled row, and both succeed on the same rows."""
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/download.py", "--web", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for engine in ("img2dataset", "ours"):
+        [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
+        for part in ("images", "timeouts", "other failures", "peak RSS"):
+            assert part in line, line
+    _ratio_line(lines, "1.2")
+    assert sum(ln.startswith("  server side: ") and "connections" in ln for ln in lines) == 2
+    assert any(ln.startswith("# machine: ") and "load average before: " in ln for ln in lines)
+    assert any(ln.startswith("# load average after: ") for ln in lines)
+    [check] = [ln for ln in lines if ln.startswith("# TLS check on ")]
+    assert "without our CA: refused:" in check and "CERTIFICATE_VERIFY_FAILED" in check
+    assert "verified TLSv1.3" in check
+    [tls] = [ln for ln in lines if ln.startswith("TLS rows: ")]
+    hit = re.fullmatch(r"TLS rows: (\d+); succeeded: img2dataset (\d+), ours (\d+) .*", tls)
+    assert hit, tls
+    assert int(hit[1]) > 0 and int(hit[2]) > 0 and int(hit[3]) > 0, tls
+    [stalls] = [ln for ln in lines if ln.startswith("stalled rows: ")]
+    hit = re.fullmatch(
+        r"stalled rows: (\d+); timed out: img2dataset (\d+), ours (\d+); "
+        r"succeeded: img2dataset 0, ours 0",
+        stalls,
+    )
+    assert hit, stalls
+    assert int(hit[1]) > 0 and hit[1] == hit[2] == hit[3], stalls
+    assert any(ln.startswith("same successful rows for both engines: yes") for ln in lines)
+    figures = json.loads(out.read_text())
+    assert figures["rows"] == 150 and figures["target"] == 1.2
+    assert figures["same_successful_rows"] is True
+    for engine in ("img2dataset", "ours"):
+        assert figures["tls_successes"][engine] > 0
+        assert figures["stalled_timeouts"][engine] == figures["stalled_rows"] > 0
+        assert figures["engines"][engine]["images_per_second"] > 0
 
 
 def test_download_soak_prints_its_figures_and_loses_nothing():

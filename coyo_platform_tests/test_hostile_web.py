@@ -75,6 +75,7 @@ class Hostile(http.server.BaseHTTPRequestHandler):
     files: Files
     hits: Counter
     gate: threading.Event = threading.Event()  # /gate.jpg answers once the test sets it
+    relay: threading.Event = threading.Event()  # /relay-wait.jpg answers once /relay-open.jpg
     web_hits: Counter
 
     def log_message(self, *args: object) -> None:
@@ -160,6 +161,12 @@ class Hostile(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
             elif path == "/gate.jpg":
                 self.gate.wait()
+                self._send(f.photo)
+            elif path == "/relay-wait.jpg":  # no answer before /relay-open.jpg is asked for
+                self.relay.wait(timeout=20)
+                self._send(f.photo)
+            elif path == "/relay-open.jpg":
+                self.relay.set()
                 self._send(f.photo)
             elif path == "/huge.jpg":  # announces 10 GB
                 self.send_response(200)
@@ -567,6 +574,59 @@ def test_a_download_process_killed_fails_the_run_clearly_and_a_rerun_finishes(we
     assert "settings.number_sample_per_shard=6, but this run asks for" in refused.stderr
     assert "settings.number_sample_per_shard=5" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_the_next_shard_is_fetched_while_a_shard_waits_on_its_slowest_row(web, tmp_path):
+    """One process, two threads, two shards of six rows: shard 0's first row gets no answer until
+    a row of shard 1 is asked for. A thread that finished shard 0's other rows goes on to shard 1
+    instead of idling until the slow row is done, so the slow row is answered within the 3 s
+    timeout, and both shards are committed whole, every row once."""
+    files, urls, _, _ = web
+    web_url, good = urls["web"], files.phash["photo"]
+    rows = [(f"{web_url}/relay-wait.jpg", good, "success", "")]
+    rows += [(f"{web_url}/photo.jpg?v={i}", good, "success", "") for i in range(5)]
+    rows += [(f"{web_url}/photo.jpg?v={i}", good, "success", "") for i in range(5, 10)]
+    rows += [(f"{web_url}/relay-open.jpg", good, "success", "")]
+    part, out = _part(tmp_path, rows), tmp_path / "out"
+    Hostile.relay.clear()
+    cmd = download_cmd(
+        part, out, "--processes-count", "1", "--thread-count", "2",
+        "--number-sample-per-shard", "6", "--timeout", "3", "--retries", "0",
+        "--allow-networks", f"{WEB_HOST}/32",
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _rows(out)
+    assert sorted(got["id"]) == sorted(pl.read_parquet(part)["id"])
+    assert got["status"].to_list() == ["success"] * 12, got.select("url", "status", "error_message")
+    assert sorted(_tar_ids(out)) == sorted(got["id"])
+    assert sorted(p.name for p in out.glob("*_stats.json")) == [
+        "00000_stats.json",
+        "00001_stats.json",
+    ]
+
+
+def test_a_host_that_keeps_timing_out_is_not_retried_at_once(web, tmp_path: Path):
+    """Three rows whose answers never come in time, one thread, one retry: the first is tried
+    twice, then its host counts as stalled and the others are tried once each (4 requests, not
+    6), so a stalling host holds a thread once per row, not once per try. Each is still a
+    transient timeout, for ``retry_failed``; the host's other rows download as ever."""
+    files, urls, _, _ = web
+    good = files.phash["photo"]
+    rows = [(f"{urls['web']}/sleep.jpg?v={i}", good, "timeout", "") for i in range(3)]
+    rows += [(f"{urls['web']}/photo.jpg?v={i}", good, "success", "") for i in range(4)]
+    part, out = _part(tmp_path, rows), tmp_path / "out"
+    before = Hostile.web_hits["/sleep.jpg"]
+    cmd = download_cmd(
+        part, out, "--processes-count", "1", "--thread-count", "1", "--retries", "1",
+        "--timeout", "1", "--allow-networks", f"{WEB_HOST}/32",
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _rows(out).sort("id")
+    assert got["status"].to_list() == ["timeout"] * 3 + ["success"] * 4
+    assert got["transient"].to_list() == [True] * 3 + [False] * 4
+    assert Hostile.web_hits["/sleep.jpg"] - before == 4
 
 
 def _outage_cmd(part: Path, out: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -330,17 +331,66 @@ def test_weights_from_s3_are_fetched_once_and_label_the_same(site, shards, s3_bu
 
 def test_defaults_fit_the_device():
     settings = LabelSettings()
-    assert settings.resolved_batch_size(torch.device("cuda")) == 128
     assert settings.resolved_batch_size(torch.device("cpu")) == 32
     assert LabelSettings(batch_size=7).resolved_batch_size(torch.device("cuda")) == 7
-    assert settings.autocast_dtype(torch.device("cuda")) == torch.float16  # the card's
     assert LabelSettings(precision="fp32").autocast_dtype(torch.device("cuda")) is None
     assert LabelSettings(precision="fp16").autocast_dtype(torch.device("cpu")) == torch.float16
-    # on the CPU, auto is bf16 where the CPU has it natively (the fastest there), else fp32
-    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    assert settings.autocast_dtype(torch.device("cpu")) == expected
+    assert LabelSettings(precision="bf16").autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="chosen by measurement"):  # auto: calibrate.py
+        settings.autocast_dtype(torch.device("cpu"))
     with pytest.raises(ValueError, match="precision must be one of"):
         LabelSettings(precision="fp8")
+
+
+def test_calibration_keeps_the_faithful_precision_unless_another_is_clearly_faster():
+    from coyo_platform.label.calibrate import pick
+
+    cpu, cuda = ("fp32", "fp16", "bf16"), ("fp16", "bf16")
+    assert pick({"fp32": 74.0, "fp16": 74.1, "bf16": 130.7}, cpu)[0] == "bf16"  # RESULTS.md
+    assert pick({"fp32": 100.0, "fp16": 105.0, "bf16": 108.0}, cpu)[0] == "fp32"  # within 1.1x
+    assert pick({"fp32": 50.0, "fp16": 90.0, "bf16": 95.0}, cpu)[0] == "bf16"  # the fastest
+    assert pick({"fp16": 4000.0, "bf16": 4100.0}, cuda)[0] == "fp16"  # the card's, on a tie
+    precision, why = pick({"fp16": 1000.0, "bf16": 1200.0}, cuda)
+    assert precision == "bf16" and "fp16 1,000.0 img/s" in why and "bf16 1,200.0 img/s" in why
+
+
+def test_precision_auto_is_measured_once_per_machine_and_model_and_the_first_choice_stays(
+    site, shards, tmp_path: Path
+):
+    """``precision=auto`` on the CPU: the label program times fp32, fp16 and bf16 on the model
+    and records its choice and figures in the run's metadata and in a per-machine cache; a second
+    run reads the cache. A choice already recorded (another run's, on this machine) is used as
+    it is, and is the labeler's precision: the calibration, not a CPU flag, decides it."""
+    folder, _ = shards
+    cache = tmp_path / "cache"
+    settings = LabelSettings(
+        preset="timm",
+        model=demo.DEMO_MODEL,
+        checkpoint=str(site.checkpoint),
+        num_workers=0,
+        checkpoint_cache=str(cache),
+    )
+    first = label_shards(str(folder), str(tmp_path / "a"), settings)
+    [record] = (cache / "calibration").glob("*.json")
+    found = json.loads(record.read_text())
+    assert set(found["images_per_second"]) == {"fp32", "fp16", "bf16"}
+    assert all(rate > 0 for rate in found["images_per_second"].values())
+    assert first.fingerprint["precision"] == found["precision"] and found["batch_size"] == 32
+    meta = first.metadata(settings)
+    assert (
+        meta["calibration"].startswith(found["precision"])
+        and "measured: cpu: " in meta["calibration"]
+    )
+    assert "img/s" in meta["calibration"] and meta["batch_size"] == 32
+
+    again = label_shards(str(folder), str(tmp_path / "b"), settings)
+    assert again.labeler == first.labeler and "(cached: cpu: " in again.calibration
+
+    other = "fp16" if found["precision"] != "fp16" else "fp32"  # as if another run chose it
+    record.write_text(json.dumps({**found, "precision": other, "why": f"{other}: recorded"}))
+    third = label_shards(str(folder), str(tmp_path / "c"), settings)
+    assert third.fingerprint["precision"] == other and third.labeler != first.labeler
+    assert third.calibration.startswith(f"{other}: recorded")
 
 
 def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path: Path):

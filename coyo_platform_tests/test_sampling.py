@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
@@ -18,7 +19,7 @@ from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.assets.subset_manifest import subset_manifest
 from coyo_platform.assets.subset_plan import subset_plan
 from coyo_platform.common import layout
-from coyo_platform.common.formats import LABELED_FILE_OPTIONS, LABELED_SCHEMA
+from coyo_platform.common.formats import INDEX_SCHEMA, LABELED_FILE_OPTIONS, LABELED_SCHEMA
 from coyo_platform.common.storage import Storage
 from coyo_platform.resources import StorageResource
 from coyo_platform.sample import plan as plans
@@ -129,7 +130,11 @@ def test_partition_aggregates_equal_a_direct_count_over_all_rows(dataset):
         files = sorted(
             str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
         )
-        agg, index = stats.aggregate_files(store.scan_parquet, files, ODD_THRESHOLDS, chunk_files=2)
+        url = layout.index(store, key)
+        agg = stats.aggregate_files(files, ODD_THRESHOLDS, store, url, chunk_files=2)
+        index = pq.read_table(url)
+        # INDEX_SCHEMA's columns and types (DuckDB writes a column without nulls as required)
+        assert [(f.name, f.type) for f in index.schema] == [(f.name, f.type) for f in INDEX_SCHEMA]
         aggs.append(agg)
         assert index.num_rows == len(_ok(parts[key]))
         assert index.column("phash").to_pylist() == sorted(index.column("phash").to_pylist())
@@ -226,8 +231,7 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
         files = sorted(
             str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
         )
-        agg, index = stats.aggregate_files(store.scan_parquet, files)
-        store.write_parquet(layout.index(store, key), index)
+        agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
         store.write_json(layout.stats(store, key), agg.to_json())
     # small buckets and cap groups, so that the bounded-memory paths really take several passes
     monkeypatch.setattr(rules, "BUCKET_ROWS", 300)

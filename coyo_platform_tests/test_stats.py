@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 
 import polars as pl
 import pytest
@@ -69,3 +71,40 @@ def test_merge_refuses_different_thresholds():
         stats.merge_aggregates(
             [stats.partial_aggregate(frame), stats.partial_aggregate(frame, thresholds=(0.5,))]
         )
+
+
+def test_rows_with_fewer_or_more_than_top_k_labels_are_counted_exactly():
+    """The counts above each threshold are a binary search over list positions for up to 50
+    labels (past a list's end counts as below) and a whole-list count beyond: rows of 1, 7, 50
+    and 64 labels give the direct count, and the stats survive their JSON."""
+    rng = random.Random(5)
+    rows = []
+    for i, n in enumerate([1, 7, 50, 64] * 40):
+        power = 0.3 if n > 50 else 3  # the long rows: nearly all of their labels above 0.25
+        probs = sorted((rng.random() ** power for _ in range(n)), reverse=True)
+        rows.append({"labels": rng.sample(range(21_841), n), "label_probs": probs, "error": None})
+        if i % 9 == 0:
+            rows.append({"labels": None, "label_probs": None, "error": "decode: OSError"})
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "labels": pl.List(pl.Int32),
+            "label_probs": pl.List(pl.Float32),
+            "error": pl.String,
+        },
+    )
+    agg = stats.partial_aggregate(frame.lazy())
+    for row, t in zip(threshold_rows(agg), stats.CARD_THRESHOLDS, strict=True):
+        per_image, unique, share = _direct_table(frame, t)
+        assert row["labels_per_image"] == pytest.approx(per_image)
+        assert row["unique_labels"] == unique
+        assert row["share_kept"] == pytest.approx(share)
+    ok = [r for r in frame.iter_rows(named=True) if r["error"] is None]
+    for counts, t in zip(agg.thresholds, stats.CARD_THRESHOLDS, strict=True):
+        above = [sum(p >= t for p in r["label_probs"]) for r in ok]
+        assert counts.labels_per_image == {
+            str(k): v for k, v in sorted(Counter(a for a in above if a).items())
+        }
+    assert agg.failed == 18 and agg.images == 160
+    assert max(int(k) for k in agg.thresholds[-1].labels_per_image) > 50
+    assert stats.Aggregate.from_json(json.loads(json.dumps(agg.to_json()))) == agg

@@ -46,7 +46,9 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -143,6 +145,29 @@ class Storage:
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, url)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def write_file(self, url: str, fill: Callable[[str], object]) -> None:
+        """Write ``url`` from a local file that ``fill(path)`` writes (an engine that writes files
+        itself, such as DuckDB's ``COPY``), as whole as :meth:`write_bytes`: on disk a temp
+        name beside it, renamed once synced; on S3 one upload of a local temp file."""
+        if not self.is_local:
+            with tempfile.TemporaryDirectory(prefix="coyo-upload-") as folder:
+                path = os.path.join(folder, os.path.basename(url))
+                fill(path)
+                self.fs.put_file(path, url)
+            return
+        os.makedirs(os.path.dirname(url), exist_ok=True)
+        self.remove_stale_temp(url)
+        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            fill(tmp)
+            with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, url)
         except BaseException:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from coyo_platform.common import layout, shards
 from coyo_platform.common.storage import Storage
-from coyo_platform.download.shard import SHARD_COLUMNS, ShardDownloader, _stats_file
+from coyo_platform.download.shard import SHARD_COLUMNS, Done, ShardDownloader, _stats_file
 from coyo_platform.download.statuses import SUCCESS
 from coyo_platform.download.statuses import failure_reason as reason_of
 
@@ -95,6 +95,16 @@ class ShardRecoverer(ShardDownloader):
     :class:`ShardDownloader` is. Its counts: ``retried``, ``recovered`` (now a success),
     ``final`` (now a failure for good), ``dns`` (failed again to resolve) and ``revision`` (the
     shard's, after)."""
+
+    def download_batch(self, batch: list[tuple[int, str]]) -> list[Done]:
+        """The batch's shards one after the other (each rewrite reads and copies its tar)."""
+        results = []
+        for row in batch:
+            try:
+                results.append((True, row, self.download_shard(*row), ""))
+            except Exception as exc:  # noqa: BLE001 - reported, retried or left undone
+                results.append(self._not_done(row, exc))
+        return results
 
     def download_shard(self, shard_id: int, name: str) -> dict[str, int]:
         store = Storage(self.output)

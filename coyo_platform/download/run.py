@@ -233,6 +233,18 @@ def _recover(
     return failed
 
 
+#: Shards per pool task: a process fetches a task's shards through one pool of threads, the next
+#: shard's rows as soon as the one before has all of its rows under way (``ShardDownloader``).
+BATCH_SHARDS = 4
+
+
+def batches(todo: list, processes: int) -> list[list]:
+    """``todo`` in tasks of consecutive shards: at most ``BATCH_SHARDS``, and fewer when there
+    are not enough shards to give every process a task."""
+    size = max(1, min(BATCH_SHARDS, len(todo) // max(1, processes)))
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
 def _run_pool(
     shard: ShardDownloader,
     todo: list,
@@ -257,12 +269,13 @@ def _run_pool(
                 time.sleep(wait)
             failed, again = {}, []
             try:
-                for ok, row, counts, why in pool.map(shard, todo):
-                    if ok and on_shard is not None:
-                        on_shard(row[0], counts)
-                    if not ok:
-                        failed[row[0]] = why
-                        again.append(row)
+                for done in pool.map(shard, batches(todo, settings.processes)):
+                    for ok, row, counts, why in done:
+                        if ok and on_shard is not None:
+                            on_shard(row[0], counts)
+                        if not ok:
+                            failed[row[0]] = why
+                            again.append(row)
             except BrokenProcessPool as exc:  # killed by the OOM killer, or a decoder crash
                 raise RuntimeError(
                     f"a download process died (out of memory? a crashing decoder?) while "

@@ -24,10 +24,12 @@ import shutil
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from threading import Semaphore
 from typing import Any
@@ -45,6 +47,7 @@ from coyo_platform.download.statuses import (
     FAILED_TO_RESIZE,
     NOT_AN_IMAGE,
     SUCCESS,
+    TIMEOUT,
 )
 from coyo_platform.download.statuses import failure_reason as reason_of
 
@@ -72,6 +75,34 @@ class Outage(RuntimeError):
 def clear_staging(output: str) -> None:
     """Remove what a killed run staged (local disk or, for S3, this machine's temp folder)."""
     shutil.rmtree(layout.staging(output), ignore_errors=True)
+
+
+#: Timeouts after which a host counts as stalled in a process: its timeouts are no longer retried
+#: at once (``ShardDownloader._fetch``).
+STALLED_HOST_TIMEOUTS = 2
+_TIMEOUTS: Counter[str] = Counter()  # per host, in this process
+_TIMEOUTS_LOCK = threading.Lock()
+
+#: What a pool process reports per shard: (done, the shard's row, its status counts, why not).
+Done = tuple[bool, tuple[int, str], dict[str, int], str]
+
+
+@dataclass
+class _OpenShard:
+    """A shard being written: its rows, staging folder and writer, and the counts so far."""
+
+    row: tuple[int, str]  # (shard id, its rows' file)
+    rows: list[dict[str, Any]]
+    staging: str
+    writer: Any  # img2dataset's WebDatasetSampleWriter
+    start: float
+    counts: Counter[str] = field(default_factory=Counter)  # by status
+    reasons: Counter[str] = field(default_factory=Counter)
+    transient: Counter[str] = field(default_factory=Counter)  # by reason
+    pending: int = -1  # rows not written yet
+
+    def __post_init__(self) -> None:
+        self.pending = len(self.rows)
 
 
 class ShardDownloader:
@@ -103,19 +134,61 @@ class ShardDownloader:
         self.oom_shard_count = 5  # img2dataset's default: 00000.tar
         self.oom_sample_per_shard = math.ceil(math.log10(settings.number_sample_per_shard))
 
-    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str], dict[str, int], str]:
-        """(done, row, status counts, why not done)."""
+    def __call__(self, batch: list[tuple[int, str]]) -> list[Done]:
+        """Each shard of ``batch``: (done, row, status counts, why not done)."""
+        return self.download_batch(batch)
+
+    def download_batch(self, batch: list[tuple[int, str]]) -> list[Done]:
+        """The batch's shards through one pool of fetch threads, pipelined: the next shard's
+        rows are fetched as soon as every row of the one before is under way, so no thread waits
+        out a shard's slowest fetches (a heavy-tailed web, a stalling host) while rows remain.
+        Each shard is still written whole or not at all, and committed as its last row lands."""
+        results: dict[int, Done] = {}
+        shards: list[_OpenShard] = []
+        failed = self._not_done
         try:
-            return True, row, self.download_shard(*row), ""
-        except Exception as exc:  # noqa: BLE001 - reported, the shard is retried or left undone
-            why = str(exc) if isinstance(exc, Outage) else f"{type(exc).__name__}: {exc}"
-            print(f"shard {row[0]} not done: {why}", file=sys.stderr)
-            return False, row, {}, why
+            for row in batch:
+                try:
+                    shards.append(self._open(row))
+                except Exception as exc:  # noqa: BLE001 - that shard's failure alone
+                    results[row[0]] = failed(row, exc)
+            for shard in shards:  # a shard with no rows is done at once
+                if not shard.rows:
+                    results[shard.row[0]] = self._finish(shard)
+            with contextlib.closing(self._fetched([s.rows for s in shards])) as fetched:
+                for i, got in fetched:
+                    shard = shards[i]
+                    if shard.row[0] in results:  # failed while writing: drain its fetches
+                        continue
+                    try:
+                        self._add(shard, got)
+                        if shard.pending == 0:
+                            results[shard.row[0]] = self._finish(shard)
+                    except Exception as exc:  # noqa: BLE001 - reported, retried or left undone
+                        results[shard.row[0]] = failed(shard.row, exc)
+        except Exception as exc:  # noqa: BLE001 - the pool itself: every open shard not done
+            for shard in shards:
+                results.setdefault(shard.row[0], failed(shard.row, exc))
+        finally:
+            for shard in shards:
+                if shard.pending:  # not finished: its tar and parquet are dropped unwritten
+                    with contextlib.suppress(Exception):
+                        shard.writer.close()
+                shutil.rmtree(shard.staging, ignore_errors=True)
+        return [results[row[0]] for row in batch]
 
-    def download_shard(self, shard_id: int, arrow_file: str) -> dict[str, int]:
-        """Fetch, inspect, resize and write every row of the shard; returns its status counts."""
+    @staticmethod
+    def _not_done(row: tuple[int, str], exc: BaseException) -> Done:
+        why = str(exc) if isinstance(exc, Outage) else f"{type(exc).__name__}: {exc}"
+        print(f"shard {row[0]} not done: {why}", file=sys.stderr)
+        return False, row, {}, why
+
+    def _open(self, row: tuple[int, str]) -> _OpenShard:
+        """A shard's rows, read, and its staging folder and writer, ready for rows."""
         import fsspec
+        from img2dataset.writer import WebDatasetSampleWriter
 
+        shard_id, arrow_file = row
         start = time.time()
         with fsspec.open(arrow_file, "rb") as fh:
             table = pa.ipc.open_file(fh).read_all()
@@ -125,17 +198,38 @@ class ShardDownloader:
             schema = schema.append(pa.field(name, kind))
         staging = os.path.join(layout.staging(self.output), f"shard-{shard_id}-{uuid.uuid4().hex}")
         os.makedirs(staging, exist_ok=True)
-        try:
-            counts, reasons, transient = self._write(shard_id, rows, schema, staging)
-            name = f"{shard_id:0{self.oom_shard_count}d}"
-            self._check_outage(name, len(rows), reasons, transient)
-            stats = _stats_file(len(rows), counts, reasons, start)
-            with open(os.path.join(staging, name + layout.STATS_DONE), "w") as fh:
-                json.dump(stats, fh, indent=1)
-            self._commit(name, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return dict(counts)
+        writer = WebDatasetSampleWriter(
+            shard_id, staging, True, self.oom_shard_count, schema, "jpg"
+        )
+        return _OpenShard(row, rows, staging, writer, start)
+
+    def _add(self, shard: _OpenShard, got: Fetched, keys: list[str] | None = None) -> None:
+        """One fetched row into its shard's tar and parquet (its sample key img2dataset's, from
+        its place in the shard, or ``keys``' where given)."""
+        row = shard.rows[got.key]
+        key = keys[got.key] if keys is not None else None
+        image, meta = self._sample(shard.row[0], row, got, key)
+        shard.counts[meta["status"]] += 1
+        status, message = meta["status"], meta["error_message"]
+        reason = SUCCESS if status == SUCCESS else reason_of(status, message)
+        shard.reasons[reason] += 1
+        if meta["transient"]:
+            shard.transient[reason] += 1
+        shard.writer.encode_format = extension(image) if self.settings.keep_original else "jpg"
+        shard.writer.write(image, meta["key"], row["caption"], meta)
+        shard.pending -= 1
+
+    def _finish(self, shard: _OpenShard) -> Done:
+        """Close a shard whose every row is written; check it for an outage, and commit it."""
+        shard.writer.close()
+        name = f"{shard.row[0]:0{self.oom_shard_count}d}"
+        self._check_outage(name, len(shard.rows), shard.reasons, shard.transient)
+        stats = _stats_file(len(shard.rows), shard.counts, shard.reasons, shard.start)
+        with open(os.path.join(shard.staging, name + layout.STATS_DONE), "w") as fh:
+            json.dump(stats, fh, indent=1)
+        self._commit(name, shard.staging)
+        shutil.rmtree(shard.staging, ignore_errors=True)  # now, not when the batch ends
+        return True, shard.row, dict(shard.counts), ""
 
     def _check_outage(
         self, name: str, rows: int, reasons: Counter[str], transient: Counter[str]
@@ -167,24 +261,12 @@ class ShardDownloader:
         writer = WebDatasetSampleWriter(
             shard_id, staging, True, self.oom_shard_count, schema, "jpg"
         )
-        counts: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        transient: Counter[str] = Counter()  # by reason
-        with contextlib.closing(self._fetched(rows)) as fetched:
-            for got in fetched:
-                row = rows[got.key]
-                key = keys[got.key] if keys is not None else None
-                image, meta = self._sample(shard_id, row, got, key)
-                counts[meta["status"]] += 1
-                status, message = meta["status"], meta["error_message"]
-                reason = SUCCESS if status == SUCCESS else reason_of(status, message)
-                reasons[reason] += 1
-                if meta["transient"]:
-                    transient[reason] += 1
-                writer.encode_format = extension(image) if self.settings.keep_original else "jpg"
-                writer.write(image, meta["key"], row["caption"], meta)
+        shard = _OpenShard((shard_id, ""), rows, staging, writer, time.time())
+        with contextlib.closing(self._fetched([rows])) as fetched:
+            for _, got in fetched:
+                self._add(shard, got, keys)
         writer.close()
-        return counts, reasons, transient
+        return shard.counts, shard.reasons, shard.transient
 
     @contextmanager
     def _pool(self) -> Iterator[tuple[ThreadPool, Semaphore, threading.Event]]:
@@ -201,25 +283,29 @@ class ShardDownloader:
             pool.terminate()
             pool.join()
 
-    def _fetched(self, rows: list[dict[str, Any]]) -> Iterator[Fetched]:
-        """Each row's fetch result, in the order they finish, with at most ``2 * thread_count``
-        images held in memory (a row's slot is freed once its result has been written)."""
+    def _fetched(self, shards: list[list[dict[str, Any]]]) -> Iterator[tuple[int, Fetched]]:
+        """Each row's fetch result with the index of its shard in ``shards``, in the order they
+        finish; rows are started shard after shard, with at most ``2 * thread_count`` images held
+        in memory (a row's slot is freed once its result has been written)."""
         fetcher = self.settings.fetcher()
 
-        def work(key: int) -> Fetched:
+        def work(item: tuple[int, int]) -> tuple[int, Fetched]:
+            i, key = item
+            row = shards[i][key]
             try:
-                return self._fetch(fetcher, key, rows[key]["url"], rows[key]["image_phash"])
+                return i, self._fetch(fetcher, key, row["url"], row["image_phash"])
             except Exception as exc:  # noqa: BLE001 - one URL's surprise is that row's failure
-                return Fetched(key, None, FAILED, f"{type(exc).__name__}: {exc}"[:200])
+                return i, Fetched(key, None, FAILED, f"{type(exc).__name__}: {exc}"[:200])
 
         with self._pool() as (pool, in_flight, stop):
 
-            def todo() -> Iterator[int]:
-                for key in range(len(rows)):
-                    in_flight.acquire()
-                    if stop.is_set():
-                        return
-                    yield key
+            def todo() -> Iterator[tuple[int, int]]:
+                for i, rows in enumerate(shards):
+                    for key in range(len(rows)):
+                        in_flight.acquire()
+                        if stop.is_set():
+                            return
+                        yield i, key
 
             for got in pool.imap_unordered(work, todo()):
                 try:
@@ -228,13 +314,18 @@ class ShardDownloader:
                     in_flight.release()
 
     def _fetch(self, fetcher: fetch.Fetcher, key: int, url: str, crawl_phash: str | None):
-        """Fetch and inspect one URL, retrying transient failures only."""
+        """Fetch and inspect one URL, retrying transient failures only. A timeout is not tried
+        again at once on a host that has timed out ``STALLED_HOST_TIMEOUTS`` times in this
+        process (a host that stalls would hold a thread for every retry); the row stays a
+        transient failure, for ``retry_failed``."""
         settings, result = self.settings, None
         for _ in range(settings.retries + 1):
             try:
                 data = fetcher.fetch(url)
             except fetch.FetchError as exc:
                 result = Fetched(key, None, exc.status, exc.message, transient=exc.transient)
+                if exc.status == TIMEOUT and self._stalled(url):
+                    return result
                 if exc.transient:
                     continue  # a timeout, a 5xx, a reset; not a 404, a blocked URL, a bad TLS cert
                 return result
@@ -248,6 +339,17 @@ class ShardDownloader:
                 )
             return result
         return result
+
+    def _stalled(self, url: str) -> bool:
+        """Count a timeout of ``url``'s host; whether the host has now timed out
+        ``STALLED_HOST_TIMEOUTS`` times or more in this process."""
+        try:
+            host = urllib.parse.urlsplit(url).hostname or ""
+        except ValueError:
+            host = ""
+        with _TIMEOUTS_LOCK:
+            _TIMEOUTS[host] += 1
+            return _TIMEOUTS[host] >= STALLED_HOST_TIMEOUTS
 
     def _sample(
         self, shard_id: int, row: dict[str, Any], got: Fetched, key: str | None = None

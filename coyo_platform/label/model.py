@@ -19,7 +19,7 @@ from PIL import Image
 
 from coyo_platform.common.formats import TOP_K
 from coyo_platform.common.labelspace import goog_to_fall11
-from coyo_platform.label import labeler
+from coyo_platform.label import calibrate, labeler
 from coyo_platform.label.samples import build_transform
 from coyo_platform.label.settings import LabelSettings
 from coyo_platform.label.weights import load_model
@@ -129,7 +129,7 @@ class ModelStep:
     def __init__(self, settings: LabelSettings, device: torch.device) -> None:
         model, self.config, self.weights_sha256 = load_model(settings)
         self.device = device
-        self.dtype = settings.autocast_dtype(device)
+        self.dtype = None if settings.precision == "auto" else settings.autocast_dtype(device)
         self.batch_size = settings.resolved_batch_size(device)
         self.memory_format = torch.channels_last if settings.channels_last else None
         if device.type == "cuda":
@@ -147,6 +147,42 @@ class ModelStep:
         self.mean = torch.tensor([255 * m for m in self.config["mean"]], device=device).view(shape)
         self.std = torch.tensor([255 * s for s in self.config["std"]], device=device).view(shape)
         self.inputs = DeviceInputs(device, self.config)
+        self.calibration: calibrate.Calibration | None = None
+        if settings.precision == "auto" or (settings.batch_size is None and device.type == "cuda"):
+            self.calibration = self._calibrated(settings, model)
+            self.dtype = self.calibration.dtype
+            self.batch_size = self.calibration.batch_size
+
+    def _calibrated(self, settings: LabelSettings, eager: torch.nn.Module) -> calibrate.Calibration:
+        """``precision=auto`` and the batch size by measurement (``calibrate.py``), on the eager
+        model (a compiled one would compile once per candidate), cached per machine and model."""
+        size = tuple(self.config["input_size"])
+
+        def run(batch: int, dtype: torch.dtype | None) -> None:
+            x = torch.randint(0, 256, (batch, *size), device=self.device, dtype=torch.uint8)
+            x = x.float().sub_(self.mean).div_(self.std)
+            if self.memory_format:
+                x = x.contiguous(memory_format=self.memory_format)
+            with torch.inference_mode():
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                    eager(x)
+
+        def measure() -> calibrate.Calibration:
+            precision, batch, rates, why = calibrate.calibrate(
+                run, self.device, settings.precision, settings.batch_size
+            )
+            return calibrate.Calibration(
+                precision, batch, why, rates, calibrate.machine(self.device)
+            )
+
+        step = {
+            "precision": settings.precision,
+            "batch_size": settings.batch_size,
+            "channels_last": settings.channels_last,
+        }
+        return calibrate.cached(
+            settings.cache, self.device, settings.model, self.weights_sha256, size, step, measure
+        )
 
     @property
     def precision(self) -> str:

@@ -76,6 +76,8 @@ class LabelSummary:
     downloads: str | None = None  # the identity of the downloads labeled
     written: list[str] = field(default_factory=list)  # the shards written this run
     shards_relabeled: int = 0  # of them, shards that gained images (retry_failed)
+    batch_size: int = 0  # as run
+    calibration: str = ""  # what precision=auto and the batch size measured, and why
 
     @property
     def images_per_second(self) -> float:
@@ -118,7 +120,8 @@ class LabelSummary:
             "interpolation": settings.interpolation or "model's",
             "device": str(device),
             "precision": self.fingerprint.get("precision", ""),
-            "batch_size": settings.resolved_batch_size(device),
+            "batch_size": self.batch_size or settings.resolved_batch_size(device),
+            "calibration": self.calibration or "none: precision and batch size as set",
             "compiled": settings.compile,
             "decode_on_device": settings.decode_on_device,
             "path": path(self.folder),
@@ -301,6 +304,11 @@ def label_shards(
     total = len(todo.tars) + todo.skipped
     summary = LabelSummary(shards_skipped=todo.skipped, labeler=labeled, fingerprint=fingerprint)
     summary.folder, summary.downloads = out.root, downloads
+    summary.batch_size = model.batch_size
+    if model.calibration is not None:
+        cal = model.calibration
+        summary.calibration = f"{cal.why} ({'cached' if cal.cached else 'measured'}: {cal.machine})"
+        log.info(f"calibration: {summary.calibration}")
     log.info(f"labeler {labeled}: {total} shards, {todo.skipped} already labeled")
     if todo.tars:
         summary.shards_relabeled = len(todo.relabel)

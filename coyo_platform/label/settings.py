@@ -106,8 +106,9 @@ class LabelSettings:
     std: tuple[float, ...] | None = setting(None, "normalization std, 3 values (default: preset)")
     precision: str = setting(
         "auto",
-        "auto: fp16 autocast on CUDA (the card's), bf16 on CPUs with native bf16 (the fastest "
-        "there), else fp32; fp32: for exactness checks",
+        "auto: measured at start, cached per machine and model (label/calibrate.py): on CUDA "
+        "the card's fp16 unless bf16 is 1.1x as fast; on the CPU fp32 unless fp16 or bf16 is "
+        "1.1x as fast; fp32: for exactness checks",
         PRECISIONS,
     )
     probabilities: str | None = setting(
@@ -116,7 +117,11 @@ class LabelSettings:
         "as float32); float32: as computed (default: the preset's)",
         PROBABILITIES,
     )
-    batch_size: int | None = setting(None, "images per batch (default: 128 on CUDA, 32 on CPU)")
+    batch_size: int | None = setting(
+        None,
+        "images per batch (default: on CUDA measured at start, the largest power of two up to "
+        "512 that fits; 32 on CPU)",
+    )
     num_workers: int | None = setting(None, "loader processes (default: one per core but one)")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
     channels_last: bool = setting(True, "run the model in channels_last memory format")
@@ -175,20 +180,18 @@ class LabelSettings:
         return self.batch_size or DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cpu"])
 
     def autocast_dtype(self, device):
-        """fp16 or bf16 for autocast, or None for plain fp32. ``auto`` on the CPU: bf16 where
-        the CPU has it natively, else fp32. Measured on an AMX Xeon (benchmarks/precision.py,
-        RESULTS.md): bf16 1.8x as fast as fp32; fp16, though 9x closer to fp32 than bf16, no
-        faster than fp32, so it buys nothing fp32 does not give exactly."""
+        """fp16 or bf16 for autocast, or None for plain fp32, of an explicit precision;
+        ``auto`` is chosen by measurement on the device (``calibrate.py``, in ``ModelStep``).
+        Measured on an AMX Xeon (benchmarks/precision.py, RESULTS.md): bf16 1.8x as fast as
+        fp32; fp16, though 9x closer to fp32 than bf16, no faster than fp32."""
         import torch
 
         chosen = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if self.precision in chosen:
-            return chosen[self.precision]
-        if device.type == "cuda":
-            return torch.float16
-        if device.type == "cpu":
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        return None
+        if self.precision not in chosen:
+            raise ValueError(
+                "precision=auto is chosen by measurement on the device (label/calibrate.py)"
+            )
+        return chosen[self.precision]
 
 
 def check_model_name(name: str | None) -> str:

@@ -1,9 +1,10 @@
 """Label statistics as small, exactly mergeable partial aggregates, computed in bounded memory.
 
-A partition's labels are read a few shard files at a time (``aggregate_files``); each chunk is
-reduced to counts, and aggregates are summed (``merge_aggregates``). The roll-up over all
-partitions is the sum of the partition aggregates: no step ever holds more than one chunk of
-label rows, and no step reads all rows at once.
+A partition's labels are read a chunk of shard files at a time (``aggregate_files``) by DuckDB,
+whose parquet reader and SQL engine do the counting (``benchmarks/stats.py`` measures it against
+DuckDB's own best query over all rows); each chunk is reduced to counts, and aggregates are summed
+(``merge_aggregates``). The roll-up over all partitions is the sum of the partition aggregates: no
+step ever holds more than one chunk's compact rows, and no step reads all rows at once.
 
 Definitions, matching the card's threshold table (kakaobrain/coyo-dataset,
 subset/COYO-Labeled-300M/README.md), for a threshold ``t``, with "above" meaning ``p >= t``:
@@ -23,17 +24,19 @@ pHash) for the exact threshold, deduplication and class caps. Imports no ``dagst
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
-from coyo_platform.common.formats import INDEX_SCHEMA, labeled_ok, top1, top1_class
+from coyo_platform.common.formats import TOP_K
 from coyo_platform.common.settings import setting
+from coyo_platform.common.storage import Storage
 
 #: The thresholds of the card's table.
 CARD_THRESHOLDS: tuple[float, ...] = (0.05, 0.10, 0.15, 0.20, 0.25)
@@ -41,9 +44,11 @@ HISTOGRAM_BINS = 20
 #: Fine top-1 histogram: bin ``b`` holds ``b / FINE_BINS <= p < (b + 1) / FINE_BINS`` (the last
 #: bin also holds 1.0). Bin edges are powers of two apart, so float32 values fall in bins exactly.
 FINE_BINS = 1 << 14
-#: Label files read per chunk: 24 img2dataset shards of 10,000 images, ~240k rows (the whole
-#: stats pass peaked at about 1 GB RSS per 5M-row partition in benchmarks/stats.py).
-CHUNK_FILES = 24
+#: Label files read per chunk: 100 img2dataset shards of 10,000 images, ~1M rows, kept as about
+#: 60 bytes a row while it is counted.
+CHUNK_FILES = 100
+#: DuckDB's memory for one partition's stats (beyond it, it spills to a temp folder).
+DUCKDB_MEMORY = "1GB"
 VERSION = 3  # 3: the labelers the stats were computed from
 
 
@@ -95,25 +100,6 @@ def f32_cut(t: float) -> np.float32:
     return c
 
 
-def _cut(t: float) -> pl.Expr:
-    return pl.lit(f32_cut(t), dtype=pl.Float32)
-
-
-def _count_dict(frame: pl.DataFrame, key: str, value: str = "len") -> dict[str, int]:
-    return dict(zip(frame[key].cast(pl.String).to_list(), frame[value].to_list(), strict=True))
-
-
-def index_frame(labels: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per labeled image: ``id``, ``phash`` (the pHash as uint64), ``top1``,
-    ``top1_class``."""
-    return labels.filter(labeled_ok()).select(
-        pl.col("id").cast(pl.Int64),
-        phash=pl.col("imagehash").str.to_integer(base=16, dtype=pl.UInt64, strict=False),
-        top1=top1(),
-        top1_class=top1_class(),
-    )
-
-
 @dataclass
 class ThresholdCounts:
     threshold: float
@@ -138,7 +124,10 @@ class Aggregate:
     version: int = VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON values (the count dicts shared, not copied: ``asdict``'s deep copy
+        of 100k entries took 0.2 s a partition)."""
+        value = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**value, "thresholds": [dict(vars(t)) for t in self.thresholds]}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Aggregate:
@@ -155,95 +144,160 @@ class Aggregate:
         return [t.threshold for t in self.thresholds]
 
 
-def _reduce(ok: pl.DataFrame, failed: int, ts: tuple[float, ...]) -> dict[str, Any]:
-    """One chunk of labeled images (``ok``; ``failed`` others) as count tables, summed across
-    chunks by ``_combine``."""
-    probs = pl.col("label_probs")
-    # labels are sorted by probability, so those above t are a prefix: count them per row
-    counts = ok.select(
-        top1_class(),
-        top1(),
-        **{f"n{i}": probs.list.eval(pl.element() >= _cut(t)).list.sum() for i, t in enumerate(ts)},
-    )
-    # the (label, probability) pairs above the lowest threshold, each with how many it clears
-    levels = (
-        ok.select("labels", "label_probs")
-        .with_columns(n0=counts["n0"])
-        .select(cls=pl.col("labels").list.head("n0"), p=probs.list.head("n0"))
-        .explode("cls", "p")
-        .drop_nulls("cls")
-        .group_by(
-            "cls",
-            level=pl.sum_horizontal([(pl.col("p") >= _cut(t)).cast(pl.Int8) for t in ts]),
+def _sql_cut(t: float) -> str:
+    """``f32_cut(t)`` as a DuckDB FLOAT literal (exact: a float32's repr round-trips)."""
+    return f"{float(f32_cut(t))!r}::FLOAT"
+
+
+def _sql_above(column: str, t: float, lo: int = 0, hi: int = TOP_K) -> str:
+    """How many of a row's probabilities (``column``, sorted descending) are above ``t``, as a
+    binary search of CASE expressions over list positions: six element reads a row instead of a
+    pass over all 50 (``list_filter``). A position past a list's end reads NULL, which counts as
+    below; a list longer than ``TOP_K`` is counted whole."""
+    if lo == hi:
+        return str(lo)
+    mid = (lo + hi + 1) // 2
+    above, below = _sql_above(column, t, mid, hi), _sql_above(column, t, lo, mid - 1)
+    search = f"CASE WHEN {column}[{mid}] >= {_sql_cut(t)} THEN {above} ELSE {below} END"
+    if (lo, hi) != (0, TOP_K):
+        return search
+    whole = f"len(list_filter({column}, lambda x: x >= {_sql_cut(t)}))"
+    return f"CASE WHEN len({column}) <= {TOP_K} THEN {search} ELSE {whole} END"
+
+
+def _sql_bin(column: str, bins: int) -> str:
+    """``bin_of`` in SQL: the same float64 product, floored and clipped."""
+    return f"least(greatest(floor({column}::DOUBLE * {bins}), 0), {bins - 1})::INTEGER"
+
+
+def _sql_files(files: Sequence[str]) -> str:
+    quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    return f"read_parquet([{quoted}])"
+
+
+class _Reducer:
+    """Label rows reduced to counts in one DuckDB connection, a chunk of rows at a time.
+
+    Each chunk is read once into a compact table (per labeled row: its top-1, top-1 class,
+    pHash and id, how many labels clear each threshold, and the labels above the lowest one, a
+    prefix since labels are sorted by probability); its count tables are appended to small
+    accumulator tables
+    and its index rows to the partition's index table, then the chunk is dropped. ``aggregate``
+    sums the accumulators, ``index`` sorts the index. DuckDB runs on every core and spills
+    beyond ``DUCKDB_MEMORY`` to a temp folder of its own.
+    """
+
+    def __init__(self, thresholds: tuple[float, ...], filesystem: Any = None) -> None:
+        import duckdb  # the orchestrator's: only label stats use it
+
+        self.ts = thresholds
+        self._tmp = tempfile.TemporaryDirectory(prefix="coyo-stats-")
+        self.con = duckdb.connect(
+            config={
+                "memory_limit": DUCKDB_MEMORY,
+                "temp_directory": self._tmp.name,
+                # counts do not depend on row order, and the index is sorted: every thread may
+                # append to a chunk's table as it goes
+                "preserve_insertion_order": False,
+            }
         )
-        .len()
-    )
-    per_image = pl.concat(
-        [
-            counts.select(t=pl.lit(i, pl.Int8), n=pl.col(f"n{i}").cast(pl.Int32))
-            .filter(pl.col("n") > 0)
-            .group_by("t", "n")
-            .len()
-            for i in range(len(ts))
-        ]
-    )
-    top = counts["top1"]
-    return {
-        "images": ok.height,
-        "failed": failed,
-        "levels": levels,
-        "per_image": per_image,
-        "top1": counts.group_by("top1_class").len(),
-        "coarse": bin_of(top, HISTOGRAM_BINS).alias("bin").to_frame().group_by("bin").len(),
-        "fine": bin_of(top, FINE_BINS).alias("bin").to_frame().group_by("bin").len(),
-    }
+        if filesystem is not None:  # s3:// through the storage's own fsspec filesystem
+            self.con.register_filesystem(filesystem)
+        per_threshold = ", ".join(f"n{i} INTEGER" for i in range(len(thresholds)))
+        for table in (
+            "levels (cls INTEGER, lvl INTEGER, n BIGINT)",
+            f"per_image ({per_threshold}, n BIGINT)",
+            "top1c (cls INTEGER, n BIGINT)",
+            "bins (fine INTEGER, coarse INTEGER, n BIGINT)",
+            "ix (id BIGINT, phash UBIGINT, top1 FLOAT, top1_class INTEGER)",
+        ):
+            self._run(f"CREATE TEMP TABLE {table}")
+        self.images = self.failed = 0
 
+    def _run(self, sql: str) -> list[tuple]:
+        return self.con.execute(sql).fetchall()
 
-_KEYS = {
-    "levels": ("cls", "level"),
-    "per_image": ("t", "n"),
-    "top1": ("top1_class",),
-    "coarse": ("bin",),
-    "fine": ("bin",),
-}
+    def __enter__(self) -> _Reducer:
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.con.close()
+        self._tmp.cleanup()
 
-def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "images": sum(p["images"] for p in parts),
-        "failed": sum(p["failed"] for p in parts),
-    }
-    for name, keys in _KEYS.items():
-        out[name] = pl.concat([p[name] for p in parts]).group_by(*keys).agg(pl.col("len").sum())
-    return out
+    def add(self, source: str, with_index: bool = True) -> None:
+        """Reduce the rows of ``source`` (a DuckDB table expression with ``labels``,
+        ``label_probs``, ``error`` and, ``with_index``, ``id`` and ``imagehash``)."""
+        ts = self.ts
+        ids = "id::BIGINT AS id, TRY_CAST('0x' || imagehash AS UBIGINT) AS phash, "
+        n = [f"n{i}" for i in range(len(ts))]
+        above = ", ".join(f"{_sql_above('label_probs', t)} AS {n[i]}" for i, t in enumerate(ts))
+        self._run(
+            f"""
+            CREATE OR REPLACE TEMP TABLE c AS
+            SELECT {ids if with_index else ""}label_probs[1] AS top1, labels[1] AS cls1,
+                   {", ".join(n)}, labels[1:n0] AS l
+            FROM (SELECT *, {above} FROM {source} WHERE error IS NULL)
+            """
+        )
+        ((images, rows),) = self._run(f"SELECT (SELECT count(*) FROM c), count(*) FROM {source}")
+        self.images += images
+        self.failed += rows - images
+        # a label's level: how many thresholds it clears, from its place against the row's counts
+        level = " + ".join(f"(i <= {k})::INTEGER" for k in n)
+        self._run(
+            f"INSERT INTO levels SELECT cls, {level}, count(*) FROM (SELECT unnest(l) AS cls, "
+            f"generate_subscripts(l, 1) AS i, {', '.join(n)} FROM c) GROUP BY ALL"
+        )
+        self._run(f"INSERT INTO per_image SELECT {', '.join(n)}, count(*) FROM c GROUP BY ALL")
+        self._run("INSERT INTO top1c SELECT cls1, count(*) FROM c GROUP BY ALL")
+        fine, coarse = _sql_bin("top1", FINE_BINS), _sql_bin("top1", HISTOGRAM_BINS)
+        self._run(f"INSERT INTO bins SELECT {fine}, {coarse}, count(*) FROM c GROUP BY ALL")
+        if with_index:
+            self._run("INSERT INTO ix SELECT id, phash, top1, cls1 FROM c")
+        self._run("DROP TABLE c")
 
+    def _counts(self, sql: str) -> dict[str, int]:
+        return {str(k): int(n) for k, n in self._run(sql)}
 
-def _to_aggregate(reduced: dict[str, Any], ts: tuple[float, ...]) -> Aggregate:
-    levels, per_image = reduced["levels"], reduced["per_image"]
-    per_threshold = []
-    for i, t in enumerate(ts):
-        dist = per_image.filter(pl.col("t") == i)
-        classes = levels.filter(pl.col("level") > i).group_by("cls").agg(pl.col("len").sum())
-        per_threshold.append(
-            ThresholdCounts(
-                threshold=t,
-                kept=int(dist["len"].sum()),
-                labels_above=int((dist["n"].cast(pl.Int64) * dist["len"]).sum()),
-                class_counts=_count_dict(classes, "cls"),
-                labels_per_image=_count_dict(dist, "n"),
+    def aggregate(self) -> Aggregate:
+        per_threshold = []
+        for i, t in enumerate(self.ts):
+            dist = self._counts(
+                f"SELECT n{i}, sum(n) FROM per_image WHERE n{i} > 0 GROUP BY 1 ORDER BY 1"
             )
+            per_threshold.append(
+                ThresholdCounts(
+                    threshold=t,
+                    kept=sum(dist.values()),
+                    labels_above=sum(int(k) * n for k, n in dist.items()),
+                    class_counts=self._counts(
+                        f"SELECT cls, sum(n) FROM levels WHERE lvl > {i} GROUP BY 1 ORDER BY 1"
+                    ),
+                    labels_per_image=dist,
+                )
+            )
+        histogram = [0] * HISTOGRAM_BINS
+        for b, n in self._run("SELECT coarse, sum(n) FROM bins GROUP BY 1"):
+            histogram[b] = int(n)
+        return Aggregate(
+            images=self.images,
+            failed=self.failed,
+            thresholds=per_threshold,
+            top1_counts=self._counts("SELECT cls, sum(n) FROM top1c GROUP BY 1 ORDER BY 1"),
+            top1_histogram=histogram,
+            top1_fine=self._counts("SELECT fine, sum(n) FROM bins GROUP BY 1 ORDER BY 1"),
         )
-    histogram = [0] * HISTOGRAM_BINS
-    for b, n in reduced["coarse"].iter_rows():
-        histogram[b] = int(n)
-    return Aggregate(
-        images=reduced["images"],
-        failed=reduced["failed"],
-        thresholds=per_threshold,
-        top1_counts=_count_dict(reduced["top1"], "top1_class"),
-        top1_histogram=histogram,
-        top1_fine=_count_dict(reduced["fine"], "bin"),
-    )
+
+    def write_index(self, path: str) -> None:
+        """The index rows into a local parquet file (``INDEX_SCHEMA``'s columns and types, lz4;
+        DuckDB writes a column without nulls as required), sorted by pHash (rows without one
+        last), then id."""
+        self._run(
+            "COPY (SELECT * FROM ix ORDER BY phash NULLS LAST, id) TO "
+            + "'"
+            + path.replace("'", "''")
+            + "' (FORMAT parquet, COMPRESSION lz4)"
+        )
 
 
 def partial_aggregate(
@@ -251,45 +305,44 @@ def partial_aggregate(
 ) -> Aggregate:
     """Reduce labeled rows (``labels``, ``label_probs``, ``error`` columns) to an aggregate."""
     ts = check_thresholds(thresholds)
-    frame = labels.select("labels", "label_probs", "error").collect()
-    ok = frame.filter(labeled_ok())
-    return _to_aggregate(_reduce(ok, frame.height - ok.height, ts), ts)
+    rows = labels.select(
+        pl.col("labels").cast(pl.List(pl.Int32)),
+        pl.col("label_probs").cast(pl.List(pl.Float32)),
+        pl.col("error").cast(pl.String),
+    ).collect()
+    with _Reducer(ts) as reducer:
+        reducer.con.register("rows", rows.to_arrow())
+        reducer.add("rows", with_index=False)
+        return reducer.aggregate()
 
 
 def aggregate_files(
-    scan: Callable[[list[str]], pl.LazyFrame],
     files: Sequence[str],
     thresholds: Sequence[float] = CARD_THRESHOLDS,
+    store: Storage | None = None,
+    index_url: str | None = None,
     chunk_files: int = CHUNK_FILES,
-) -> tuple[Aggregate, pa.Table]:
-    """A partition's aggregate and index, reading ``chunk_files`` label files at a time.
+) -> Aggregate:
+    """A partition's aggregate, reading ``chunk_files`` label files at a time (from ``store``'s
+    filesystem; local paths without one), and, given ``index_url``, its index written there
+    (``INDEX_SCHEMA``, written whole through ``store``).
 
-    Memory is one chunk's rows plus the index (24 bytes a row, ~140 MB for a COYO part).
+    Memory is one chunk's compact rows plus the index (24 bytes a row, ~140 MB for a COYO part).
     """
     ts = check_thresholds(thresholds)
-    parts, index = [], []
-    for start in range(0, len(files), chunk_files):
-        frame = (
-            scan(list(files[start : start + chunk_files]))
-            .select("id", "imagehash", "labels", "label_probs", "error")
-            .collect()
-        )
-        ok = frame.filter(labeled_ok())  # once, for the counts and the index
-        parts.append(_reduce(ok, frame.height - ok.height, ts))
-        index.append(index_frame(ok.lazy()).collect())
-        if len(parts) >= 8:  # keep the count tables small: fold them as we go
-            parts = [_combine(parts)]
-    if not parts:
-        return empty_aggregate(ts), INDEX_SCHEMA.empty_table()
-    frame = pl.concat(index).sort("phash", nulls_last=True, maintain_order=True)
-    return _to_aggregate(_combine(parts), ts), frame.to_arrow().cast(INDEX_SCHEMA)
+    filesystem = None if store is None or store.is_local else store.fs
+    with _Reducer(ts, filesystem) as reducer:
+        for start in range(0, len(files), chunk_files):
+            reducer.add(_sql_files(files[start : start + chunk_files]), index_url is not None)
+        if index_url is not None:
+            store = store or Storage(os.path.dirname(index_url))
+            store.write_file(index_url, reducer.write_index)
+        return reducer.aggregate()
 
 
 def empty_aggregate(thresholds: Sequence[float] = CARD_THRESHOLDS) -> Aggregate:
-    empty = pl.DataFrame(
-        schema={"labels": pl.List(pl.Int32), "label_probs": pl.List(pl.Float32), "error": pl.String}
-    )
-    return partial_aggregate(empty.lazy(), thresholds)
+    with _Reducer(check_thresholds(thresholds)) as reducer:
+        return reducer.aggregate()
 
 
 def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:

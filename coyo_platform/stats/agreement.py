@@ -242,8 +242,8 @@ def compare_partition(
     )
     for shard in shared:
         _compare_shard(store, a_files[shard], b_files[shard], part)
-    agg_a, _ = aggregate_files(store.scan_parquet, [a_files[s] for s in shared], ts)
-    agg_b, _ = aggregate_files(store.scan_parquet, [b_files[s] for s in shared], ts)
+    agg_a = aggregate_files([a_files[s] for s in shared], ts, store)
+    agg_b = aggregate_files([b_files[s] for s in shared], ts, store)
     part.thresholds = [
         ThresholdPair(t, ta.kept, tb.kept, ta.labels_above, tb.labels_above)
         for t, ta, tb in zip(ts, agg_a.thresholds, agg_b.thresholds, strict=True)

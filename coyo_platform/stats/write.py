@@ -58,9 +58,9 @@ def write_partition_stats(store: Storage, key: str, settings: StatsSettings) -> 
         raise FileNotFoundError(
             f"no labeled shards for {key} under {layout.label_sets(store)}: label them first"
         )
-    agg, index = aggregate_files(store.scan_parquet, files, settings.thresholds)
+    # the index before the JSON: a plan reads both
+    agg = aggregate_files(files, settings.thresholds, store, index_url=layout.index(store, key))
     agg.labelers = [labeler]
-    store.write_parquet(layout.index(store, key), index)  # before the JSON: a plan reads both
     url = layout.stats(store, key)
     store.write_json(url, agg.to_json())
     return _with_chart(store, agg, url)
