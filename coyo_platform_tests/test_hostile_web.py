@@ -606,16 +606,18 @@ def test_the_next_shard_is_fetched_while_a_shard_waits_on_its_slowest_row(web, t
     ]
 
 
-def test_a_host_that_keeps_timing_out_is_not_retried_at_once(web, tmp_path: Path):
-    """Three rows whose answers never come in time, one thread, one retry: the first is tried
-    twice, then its host counts as stalled and the others are tried once each (4 requests, not
-    6), so a stalling host holds a thread once per row, not once per try. Each is still a
-    transient timeout, for ``retry_failed``; the host's other rows download as ever."""
+def test_a_host_that_keeps_timing_out_is_not_retried_at_once_until_it_answers(web, tmp_path):
+    """One thread, one retry, in row order: three rows whose answers never come in time, four
+    that answer, one more that never does. The first is tried twice, then its host has timed out
+    twice in a row and the next two are tried once each; the host then answers, so the last
+    slow row gets its retry again (6 requests for the 4 slow rows, not 8). A stalling host holds
+    a thread once per row, not once per try, and a host that times out now and then keeps its
+    retries. Each slow row is still a transient timeout, for ``retry_failed``."""
     files, urls, _, _ = web
     good = files.phash["photo"]
-    rows = [(f"{urls['web']}/sleep.jpg?v={i}", good, "timeout", "") for i in range(3)]
-    rows += [(f"{urls['web']}/photo.jpg?v={i}", good, "success", "") for i in range(4)]
-    part, out = _part(tmp_path, rows), tmp_path / "out"
+    slow = [(f"{urls['web']}/sleep.jpg?v={i}", good, "timeout", "") for i in range(4)]
+    fine = [(f"{urls['web']}/photo.jpg?v={i}", good, "success", "") for i in range(4)]
+    part, out = _part(tmp_path, [*slow[:3], *fine, slow[3]]), tmp_path / "out"
     before = Hostile.web_hits["/sleep.jpg"]
     cmd = download_cmd(
         part, out, "--processes-count", "1", "--thread-count", "1", "--retries", "1",
@@ -624,9 +626,9 @@ def test_a_host_that_keeps_timing_out_is_not_retried_at_once(web, tmp_path: Path
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     got = _rows(out).sort("id")
-    assert got["status"].to_list() == ["timeout"] * 3 + ["success"] * 4
-    assert got["transient"].to_list() == [True] * 3 + [False] * 4
-    assert Hostile.web_hits["/sleep.jpg"] - before == 4
+    assert got["status"].to_list() == ["timeout"] * 3 + ["success"] * 4 + ["timeout"]
+    assert got["transient"].to_list() == [True] * 3 + [False] * 4 + [True]
+    assert Hostile.web_hits["/sleep.jpg"] - before == 6
 
 
 def _outage_cmd(part: Path, out: Path) -> list[str]:

@@ -392,6 +392,15 @@ def test_precision_auto_is_measured_once_per_machine_and_model_and_the_first_cho
     assert third.fingerprint["precision"] == other and third.labeler != first.labeler
     assert third.calibration.startswith(f"{other}: recorded")
 
+    # where a label set of this labeler exists already, auto keeps to its precision, whatever
+    # the measurement says: partitions labeled elsewhere (a fresh container) join that set
+    (Path(first.folder) / "00001.parquet").unlink()
+    fourth = label_shards(str(folder), str(tmp_path / "a"), settings)
+    assert fourth.labeler == first.labeler and fourth.shards_done == 1
+    assert fourth.calibration.startswith(f"{found['precision']}: the precision of label set ")
+    record.write_text("{not json")  # a broken record costs only the cache
+    assert label_shards(str(folder), str(tmp_path / "d"), settings).labeled > 0
+
 
 def test_grayscale_jpeg_and_bad_sample_json_are_per_image_results(site, tmp_path: Path):
     """A grayscale JPEG is labeled (on the device path too); a sample whose json is broken or

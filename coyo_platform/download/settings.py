@@ -41,7 +41,11 @@ class DownloadSettings:
     skip_reencode: bool = setting(True, "keep the original bytes when no resize is needed")
     min_image_size: int = setting(200, "smaller images fail with failed_to_resize")
     max_aspect_ratio: float = setting(3.0, "wider (or taller) images fail with failed_to_resize")
-    retries: int = setting(1, "tries again after a transient failure (timeout, 5xx, reset)")
+    retries: int = setting(
+        1,
+        "tries again after a transient failure (timeout, 5xx, reset); a timeout not at once on a "
+        "host whose last 2 fetches in this process timed out, until it answers again",
+    )
     timeout: int = setting(10, "seconds for each connect and each read")
     number_sample_per_shard: int = setting(
         10_000, "rows per shard; a folder keeps the size it was started with"

@@ -77,10 +77,10 @@ def clear_staging(output: str) -> None:
     shutil.rmtree(layout.staging(output), ignore_errors=True)
 
 
-#: Timeouts after which a host counts as stalled in a process: its timeouts are no longer retried
-#: at once (``ShardDownloader._fetch``).
+#: Timeouts in a row after which a host counts as stalled in a process: its timeouts are not
+#: retried at once until it answers again (``ShardDownloader._fetch``).
 STALLED_HOST_TIMEOUTS = 2
-_TIMEOUTS: Counter[str] = Counter()  # per host, in this process
+_TIMEOUTS: Counter[str] = Counter()  # per host, in this process: timeouts since its last answer
 _TIMEOUTS_LOCK = threading.Lock()
 
 #: What a pool process reports per shard: (done, the shard's row, its status counts, why not).
@@ -152,13 +152,17 @@ class ShardDownloader:
                     shards.append(self._open(row))
                 except Exception as exc:  # noqa: BLE001 - that shard's failure alone
                     results[row[0]] = failed(row, exc)
+            skip: set[int] = set()  # shards that failed while writing: no more fetches
             for shard in shards:  # a shard with no rows is done at once
                 if not shard.rows:
-                    results[shard.row[0]] = self._finish(shard)
-            with contextlib.closing(self._fetched([s.rows for s in shards])) as fetched:
+                    try:
+                        results[shard.row[0]] = self._finish(shard)
+                    except Exception as exc:  # noqa: BLE001 - that shard's failure alone
+                        results[shard.row[0]] = failed(shard.row, exc)
+            with contextlib.closing(self._fetched([s.rows for s in shards], skip)) as fetched:
                 for i, got in fetched:
                     shard = shards[i]
-                    if shard.row[0] in results:  # failed while writing: drain its fetches
+                    if shard.row[0] in results:  # failed while writing: drain what is in flight
                         continue
                     try:
                         self._add(shard, got)
@@ -166,6 +170,7 @@ class ShardDownloader:
                             results[shard.row[0]] = self._finish(shard)
                     except Exception as exc:  # noqa: BLE001 - reported, retried or left undone
                         results[shard.row[0]] = failed(shard.row, exc)
+                        skip.add(i)
         except Exception as exc:  # noqa: BLE001 - the pool itself: every open shard not done
             for shard in shards:
                 results.setdefault(shard.row[0], failed(shard.row, exc))
@@ -283,10 +288,13 @@ class ShardDownloader:
             pool.terminate()
             pool.join()
 
-    def _fetched(self, shards: list[list[dict[str, Any]]]) -> Iterator[tuple[int, Fetched]]:
+    def _fetched(
+        self, shards: list[list[dict[str, Any]]], skip: set[int] | None = None
+    ) -> Iterator[tuple[int, Fetched]]:
         """Each row's fetch result with the index of its shard in ``shards``, in the order they
-        finish; rows are started shard after shard, with at most ``2 * thread_count`` images held
-        in memory (a row's slot is freed once its result has been written)."""
+        finish; rows are started shard after shard (those of shards in ``skip`` not at all),
+        with at most ``2 * thread_count`` images held in memory (a row's slot is freed once its
+        result has been written)."""
         fetcher = self.settings.fetcher()
 
         def work(item: tuple[int, int]) -> tuple[int, Fetched]:
@@ -305,6 +313,9 @@ class ShardDownloader:
                         in_flight.acquire()
                         if stop.is_set():
                             return
+                        if skip and i in skip:
+                            in_flight.release()
+                            continue
                         yield i, key
 
             for got in pool.imap_unordered(work, todo()):
@@ -315,20 +326,21 @@ class ShardDownloader:
 
     def _fetch(self, fetcher: fetch.Fetcher, key: int, url: str, crawl_phash: str | None):
         """Fetch and inspect one URL, retrying transient failures only. A timeout is not tried
-        again at once on a host that has timed out ``STALLED_HOST_TIMEOUTS`` times in this
-        process (a host that stalls would hold a thread for every retry); the row stays a
-        transient failure, for ``retry_failed``."""
+        again at once on a host whose last ``STALLED_HOST_TIMEOUTS`` fetches in this process all
+        timed out, until it answers again (a host that stalls would hold a thread for every
+        retry); the row stays a transient failure, for ``retry_failed``."""
         settings, result = self.settings, None
         for _ in range(settings.retries + 1):
             try:
                 data = fetcher.fetch(url)
             except fetch.FetchError as exc:
                 result = Fetched(key, None, exc.status, exc.message, transient=exc.transient)
-                if exc.status == TIMEOUT and self._stalled(url):
+                if self._stalled(url, exc.status == TIMEOUT):
                     return result
                 if exc.transient:
                     continue  # a timeout, a 5xx, a reset; not a 404, a blocked URL, a bad TLS cert
                 return result
+            self._stalled(url, False)  # it answered
             result = inspect(data, crawl_phash, settings.max_pixels)
             result.key = key
             if settings.drop_drifted and (result.distance or 0) > settings.drift_distance:
@@ -340,14 +352,19 @@ class ShardDownloader:
             return result
         return result
 
-    def _stalled(self, url: str) -> bool:
-        """Count a timeout of ``url``'s host; whether the host has now timed out
-        ``STALLED_HOST_TIMEOUTS`` times or more in this process."""
+    @staticmethod
+    def _stalled(url: str, timed_out: bool) -> bool:
+        """Record how a fetch of ``url``'s host ended (a timeout, or anything else: the host or
+        the network answered); whether the host has now timed out ``STALLED_HOST_TIMEOUTS``
+        times in a row."""
         try:
             host = urllib.parse.urlsplit(url).hostname or ""
         except ValueError:
             host = ""
         with _TIMEOUTS_LOCK:
+            if not timed_out:
+                _TIMEOUTS.pop(host, None)
+                return False
             _TIMEOUTS[host] += 1
             return _TIMEOUTS[host] >= STALLED_HOST_TIMEOUTS
 

@@ -4,19 +4,23 @@ At start the label program runs a few batches of the model, in each candidate pr
 random inputs of the model's input size, and keeps the fastest: fp16 (the card's arithmetic) or
 bf16 on CUDA; fp32, fp16 or bf16 on the CPU, whatever the CPU's flags say. A candidate closer to
 the card's arithmetic (CUDA: fp16, then bf16; CPU: fp32, then fp16, then bf16) is kept unless
-another is at least ``MARGIN`` times as fast, so noise cannot flip the choice. On CUDA without a
-``batch_size``, the batch is the largest power of two up to ``MAX_BATCH`` whose memory, measured
-at two small batches and extrapolated, fits ``MEMORY_SHARE`` of the device's, and that then runs;
-on the CPU it is ``DEFAULT_BATCH["cpu"]`` (larger batches bought nothing there).
+another is at least ``MARGIN`` times as fast (a margin against noise; a close call can still go
+either way). On CUDA without a ``batch_size``, the batch is the largest power of two up to
+``MAX_BATCH`` whose peak memory, estimated from batches of 8 and 16 and then measured at the
+batch itself, fits ``MEMORY_SHARE`` of what the device has free; on the CPU it is
+``DEFAULT_BATCH["cpu"]``.
 
-The choice is cached per machine and model (``<checkpoint cache>/calibration/<digest>.json``) and
-the first one written stays: precision is part of the labeler's fingerprint, so every run on a
-machine labels with the same labeler (set ``precision`` for runs that span machine kinds). The
-label run's metadata says what was chosen, the figures, and why. Imports no ``dagster``.
+Precision is part of the labeler's fingerprint, so two choices would make two label sets. Hence
+``ModelStep`` measures only when no label set of this labeler in another candidate precision
+exists under the labels root yet: once one does, ``auto`` takes its precision, on every machine
+and container (``model.py``). The measurement itself is cached per machine and model
+(``<checkpoint cache>/calibration/<digest>.json``; the first record written stays). The label
+run's metadata says what was chosen, the figures, and why. Imports no ``dagster``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,31 +117,47 @@ def pick(rates: dict[str, float], order: tuple[str, ...]) -> tuple[str, str]:
     )
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's allocator and cuDNN/cuBLAS say "out of memory" in more than one exception type."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+    )
+
+
 def _largest_batch(run, device: torch.device, dtype: torch.dtype | None) -> tuple[int, str]:
-    """CUDA: the largest power-of-two batch that fits, from the memory two small batches took."""
-    peaks = {}
-    for b in (8, 16):
+    """CUDA: the largest power-of-two batch whose measured peak memory stays within
+    ``MEMORY_SHARE`` of what the device has free, estimated from batches of 8 and 16, then run
+    and halved until its peak fits."""
+
+    def peak(batch: int) -> int:
         torch.cuda.reset_peak_memory_stats(device)
-        run(b, dtype)
+        run(batch, dtype)
         _sync(device)
-        peaks[b] = torch.cuda.max_memory_allocated(device)
-    per_image = max(1, (peaks[16] - peaks[8]) // 8)
-    base = peaks[8] - 8 * per_image
-    total = torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.max_memory_allocated(device)
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = MEMORY_SHARE * (free + torch.cuda.memory_reserved(device))  # ours is reusable
+    small, large = peak(8), peak(16)
+    per_image = max((large - small) // 8, large // 16, 1)  # a workspace can hide the slope
+    base = max(0, large - 16 * per_image)
     batch = 16
-    while batch * 2 <= MAX_BATCH and base + per_image * batch * 2 <= MEMORY_SHARE * total:
+    while batch * 2 <= MAX_BATCH and base + per_image * batch * 2 <= budget:
         batch *= 2
-    while batch > 16:
+    while batch > 1:
         try:
-            run(batch, dtype)  # it really runs
-            _sync(device)
-            break
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            batch //= 2
+            used = peak(batch)
+            if used <= budget:
+                break
+        except Exception as exc:  # noqa: BLE001 - only running out of memory halves the batch
+            if not _out_of_memory(exc):
+                raise
+        torch.cuda.empty_cache()
+        batch //= 2
     why = (
-        f"batch {batch}: the largest power of two up to {MAX_BATCH} within {MEMORY_SHARE:.0%} of "
-        f"{total / 2**30:.0f} GiB ({per_image / 2**20:.0f} MiB an image measured)"
+        f"batch {batch}: the largest power of two up to {MAX_BATCH} whose peak fits "
+        f"{MEMORY_SHARE:.0%} of the {budget / MEMORY_SHARE / 2**30:.1f} GiB free of "
+        f"{total / 2**30:.0f} GiB (about {per_image / 2**20:.0f} MiB an image measured)"
     )
     return batch, why
 
@@ -178,23 +198,37 @@ def cached(
     measure,
 ) -> Calibration:
     """The calibration recorded for this machine and model, or ``measure()``'s, recorded (the
-    first record written stays: a concurrent run's is not overwritten)."""
+    first record written stays: a concurrent run's is not overwritten). A record that cannot be
+    read or written costs only the cache: the run goes on with its own measurement."""
     path = os.path.join(folder, "calibration", f"{_key(device, model, weights, size, step)}.json")
-    try:
-        with open(path) as fh:
-            return Calibration(**{**json.load(fh), "cached": True})
-    except (OSError, ValueError, TypeError):
-        pass
+    recorded = _read(path)
+    if recorded is not None:
+        return recorded
     found = measure()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w") as fh:
-        json.dump({**asdict(found), "cached": False}, fh, indent=1)
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump({**asdict(found), "cached": False}, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.link(tmp, path)  # fails where another run recorded first: then that one holds
     except FileExistsError:
-        with open(path) as fh:
-            found = Calibration(**{**json.load(fh), "cached": True})
+        return _read(path) or found
+    except OSError:  # a read-only cache, a filesystem without hard links: not recorded
+        pass
     finally:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return found
+
+
+def _read(path: str) -> Calibration | None:
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+        found = Calibration(**{**value, "cached": True})
+        DTYPES[found.precision]  # noqa: B018 - a precision this version knows
+        return found if found.version == VERSION and found.batch_size >= 1 else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,7 +127,12 @@ class ModelStep:
     """The model on its device, fed uint8 batches; ``launch`` queues a batch and returns at once
     (on CUDA), ``collect`` waits for that batch's top 50."""
 
-    def __init__(self, settings: LabelSettings, device: torch.device) -> None:
+    def __init__(
+        self,
+        settings: LabelSettings,
+        device: torch.device,
+        label_set_exists: Callable[[str], bool] | None = None,
+    ) -> None:
         model, self.config, self.weights_sha256 = load_model(settings)
         self.device = device
         self.dtype = None if settings.precision == "auto" else settings.autocast_dtype(device)
@@ -149,13 +155,47 @@ class ModelStep:
         self.inputs = DeviceInputs(device, self.config)
         self.calibration: calibrate.Calibration | None = None
         if settings.precision == "auto" or (settings.batch_size is None and device.type == "cuda"):
-            self.calibration = self._calibrated(settings, model)
+            self.calibration = self._calibrated(settings, model, label_set_exists)
             self.dtype = self.calibration.dtype
             self.batch_size = self.calibration.batch_size
 
-    def _calibrated(self, settings: LabelSettings, eager: torch.nn.Module) -> calibrate.Calibration:
+    def _existing_precision(
+        self, settings: LabelSettings, label_set_exists: Callable[[str], bool]
+    ) -> tuple[str, str] | None:
+        """The candidate precision of a label set of this labeler already under the labels root,
+        and its id: ``auto`` keeps to it, so partitions labeled on other machines, or in a fresh
+        container after a kill, join the same set."""
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        for precision in calibrate.CANDIDATES[kind]:
+            self.dtype = calibrate.DTYPES[precision]
+            labeled = labeler.labeler_id(self.fingerprint(settings))
+            if label_set_exists(labeled):
+                return precision, labeled
+        self.dtype = None
+        return None
+
+    def _calibrated(
+        self,
+        settings: LabelSettings,
+        eager: torch.nn.Module,
+        label_set_exists: Callable[[str], bool] | None,
+    ) -> calibrate.Calibration:
         """``precision=auto`` and the batch size by measurement (``calibrate.py``), on the eager
-        model (a compiled one would compile once per candidate), cached per machine and model."""
+        model (a compiled one would compile once per candidate), cached per machine and model;
+        ``auto`` first keeps to the precision of a label set of this labeler already there."""
+        precision, kept = settings.precision, None
+        if precision == "auto" and label_set_exists is not None:
+            kept = self._existing_precision(settings, label_set_exists)
+        if kept is not None:
+            precision = kept[0]
+            why = (
+                f"{precision}: the precision of label set {kept[1]}, already under the labels root"
+            )
+            if settings.batch_size is not None or self.device.type != "cuda":
+                batch = settings.resolved_batch_size(self.device)
+                return calibrate.Calibration(
+                    precision, batch, why, machine=calibrate.machine(self.device)
+                )
         size = tuple(self.config["input_size"])
 
         def run(batch: int, dtype: torch.dtype | None) -> None:
@@ -168,21 +208,24 @@ class ModelStep:
                     eager(x)
 
         def measure() -> calibrate.Calibration:
-            precision, batch, rates, why = calibrate.calibrate(
-                run, self.device, settings.precision, settings.batch_size
+            chosen, batch, rates, why = calibrate.calibrate(
+                run, self.device, precision, settings.batch_size
             )
-            return calibrate.Calibration(
-                precision, batch, why, rates, calibrate.machine(self.device)
-            )
+            return calibrate.Calibration(chosen, batch, why, rates, calibrate.machine(self.device))
 
         step = {
-            "precision": settings.precision,
+            "precision": precision,
             "batch_size": settings.batch_size,
             "channels_last": settings.channels_last,
+            "compile": settings.compile,
+            "decode_on_device": settings.decode_on_device,
         }
-        return calibrate.cached(
+        found = calibrate.cached(
             settings.cache, self.device, settings.model, self.weights_sha256, size, step, measure
         )
+        if kept is not None:  # the batch measured; the precision the label set's
+            found.why = f"{why}; {found.why}"
+        return found
 
     @property
     def precision(self) -> str:

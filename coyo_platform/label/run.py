@@ -291,7 +291,9 @@ def label_shards(
         raise provenance.MissingInput(f"no shards (*.tar) under {source.root}: download them first")
     device = settings.resolved_device()
     try:
-        model = ModelStep(settings, device)
+        model = ModelStep(
+            settings, device, lambda labeled: root.exists(layout.labeler_record(root.root, labeled))
+        )
     except provenance.BadInput:
         raise
     except ValueError as err:  # a checkpoint that is not weights, or not for this model

@@ -153,7 +153,8 @@ def _sql_above(column: str, t: float, lo: int = 0, hi: int = TOP_K) -> str:
     """How many of a row's probabilities (``column``, sorted descending) are above ``t``, as a
     binary search of CASE expressions over list positions: six element reads a row instead of a
     pass over all 50 (``list_filter``). A position past a list's end reads NULL, which counts as
-    below; a list longer than ``TOP_K`` is counted whole."""
+    below; a list longer than ``TOP_K`` is counted whole. The label program never writes a NULL
+    or NaN inside a list (a failed image has no lists at all)."""
     if lo == hi:
         return str(lo)
     mid = (lo + hi + 1) // 2
@@ -172,7 +173,7 @@ def _sql_bin(column: str, bins: int) -> str:
 
 def _sql_files(files: Sequence[str]) -> str:
     quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return f"read_parquet([{quoted}])"
+    return f"read_parquet([{quoted}], hive_partitioning = false)"
 
 
 class _Reducer:
@@ -234,14 +235,15 @@ class _Reducer:
         self._run(
             f"""
             CREATE OR REPLACE TEMP TABLE c AS
-            SELECT {ids if with_index else ""}label_probs[1] AS top1, labels[1] AS cls1,
-                   {", ".join(n)}, labels[1:n0] AS l
-            FROM (SELECT *, {above} FROM {source} WHERE error IS NULL)
+            SELECT error IS NULL AS ok, {ids if with_index else ""}label_probs[1] AS top1,
+                   labels[1] AS cls1, {", ".join(n)}, labels[1:n0] AS l
+            FROM (SELECT *, {above} FROM {source})
             """
         )
-        ((images, rows),) = self._run(f"SELECT (SELECT count(*) FROM c), count(*) FROM {source}")
+        ((images, rows),) = self._run("SELECT count(*) FILTER (WHERE ok), count(*) FROM c")
         self.images += images
         self.failed += rows - images
+        self._run("DELETE FROM c WHERE NOT ok")
         # a label's level: how many thresholds it clears, from its place against the row's counts
         level = " + ".join(f"(i <= {k})::INTEGER" for k in n)
         self._run(
