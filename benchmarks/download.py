@@ -81,7 +81,6 @@ import http.server
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import ssl
@@ -385,7 +384,7 @@ def soak(args: argparse.Namespace) -> None:
         "--allow-networks", f"{HOST}/32", "--outage-backoff", str(args.outage_seconds),
     ]  # fmt: skip
     print(
-        f"# soak: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"# soak: {machine()}; "
         f"{args.images:,} URLs ({args.hostile:.0%} hostile, {args.transient:.0%} transient), "
         f"one {args.outage_seconds:g} s outage {args.outage_at:g} s in; "
         f"{args.processes} processes x {args.threads} threads, shards of {args.shard}"
@@ -744,15 +743,9 @@ def plan_rows(
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    from coyo_platform.common.machine import cpu_model
+
+    return cpu_model()
 
 
 def loadavg() -> str:
@@ -957,7 +950,7 @@ def cpu_bound(args: argparse.Namespace) -> None:
     part = work / "part.parquet"
     make_part(part, base, names, args.images)
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"# {machine()}; "
           f"{args.images} images from {len(names)} photos (600-1,200 px short side) on {base}; "
           f"{args.processes} processes x {args.threads} threads, "
           f"shards of {args.shard}")  # fmt: skip

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -268,15 +266,9 @@ def bench_loader_cpu(shards: Path, checkpoint: Path, model_name: str) -> dict:
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}"
+    from coyo_platform.common.machine import cpu_model
+
+    text = f"{cpu_model()}; torch {torch.__version__}"
     if device.type == "cuda":
         text += f"; {torch.cuda.get_device_name(device)}"
     return text

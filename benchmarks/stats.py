@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -450,19 +448,16 @@ def differences(a: dict, b: dict, path: str = "") -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    from coyo_platform.common.machine import cpu_model
+
     mem = 0.0
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM"
+    return f"{cpu_model()}, {mem:.1f} GiB RAM"
 
 
 def verdict(ok: bool) -> str:

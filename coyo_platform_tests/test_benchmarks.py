@@ -82,23 +82,30 @@ def _ratio_line(lines: list[str], target: str) -> str:
     return lines[-1]
 
 
-def test_download_benchmark_prints_both_engines_and_the_ratio(tmp_path: Path):
+def _download_benchmark(tmp_path: Path, *args: str) -> tuple[list[str], dict, dict[str, str]]:
+    """``benchmarks/download.py *args --json``: its lines, its figures, each engine's line."""
     out = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/download.py", "--quick", "--json", str(out)],
+        [sys.executable, "benchmarks/download.py", *args, "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    engines = {}
     for engine in ("img2dataset", "ours"):
-        [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
+        [engines[engine]] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
+    return lines, json.loads(out.read_text()), engines
+
+
+def test_download_benchmark_prints_both_engines_and_the_ratio(tmp_path: Path):
+    lines, figures, engines = _download_benchmark(tmp_path, "--quick")
+    for line in engines.values():
         assert "peak RSS" in line
     _ratio_line(lines, "0.95")
     assert any(ln.startswith("# load average before: ") for ln in lines)
     assert any(ln.startswith("# load average after: ") for ln in lines)
-    figures = json.loads(out.read_text())
     assert figures["target"] == 0.95 and figures["ratio_images_per_second"] > 0
     assert all(figures["engines"][e]["success"] == 40 for e in ("img2dataset", "ours"))
 
@@ -107,17 +114,8 @@ def test_download_web_benchmark_reaches_tls_hosts_and_times_out_stalled_ones(tmp
     """``--web --quick``: 150 rows over 64 loopback hosts (16 over TLS, verified against the
     benchmark's throwaway CA; 3 that never answer). Both engines report, both download over TLS,
     both time out on every stalled row, and both succeed on the same rows."""
-    out = tmp_path / "figures.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/download.py", "--web", "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    for engine in ("img2dataset", "ours"):
-        [line] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
+    lines, figures, engines = _download_benchmark(tmp_path, "--web", "--quick")
+    for line in engines.values():
         for part in ("images", "timeouts", "other failures", "peak RSS"):
             assert part in line, line
     _ratio_line(lines, "1.2")
@@ -140,7 +138,6 @@ def test_download_web_benchmark_reaches_tls_hosts_and_times_out_stalled_ones(tmp
     assert hit, stalls
     assert int(hit[1]) > 0 and hit[1] == hit[2] == hit[3], stalls
     assert any(ln.startswith("same successful rows for both engines: yes") for ln in lines)
-    figures = json.loads(out.read_text())
     assert figures["rows"] == 150 and figures["target"] == 1.2
     assert figures["same_successful_rows"] is True
     for engine in ("img2dataset", "ours"):

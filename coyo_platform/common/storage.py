@@ -138,19 +138,12 @@ class Storage:
         if not self.is_local:
             self.fs.pipe_file(url, data)  # one PUT: the object appears whole or not at all
             return
-        os.makedirs(os.path.dirname(url), exist_ok=True)
-        self.remove_stale_temp(url)  # what a process killed while writing this file left
-        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"  # the pid: see remove_stale_temp
-        try:
-            with open(tmp, "wb") as fh:
+
+        def fill(path: str) -> None:
+            with open(path, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, url)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+
+        self.write_file(url, fill)
 
     def write_file(self, url: str, fill: Callable[[str], object]) -> None:
         """Write ``url`` from a local file that ``fill(path)`` writes (an engine that writes files
@@ -163,8 +156,8 @@ class Storage:
                 self.fs.put_file(path, url)
             return
         os.makedirs(os.path.dirname(url), exist_ok=True)
-        self.remove_stale_temp(url)
-        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"
+        self.remove_stale_temp(url)  # what a process killed while writing this file left
+        tmp = f"{url}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"  # the pid: see remove_stale_temp
         try:
             fill(tmp)
             with open(tmp, "rb") as fh:

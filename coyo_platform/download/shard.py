@@ -191,7 +191,6 @@ class ShardDownloader:
     def _open(self, row: tuple[int, str]) -> _OpenShard:
         """A shard's rows, read, and its staging folder and writer, ready for rows."""
         import fsspec
-        from img2dataset.writer import WebDatasetSampleWriter
 
         shard_id, arrow_file = row
         start = time.time()
@@ -203,10 +202,13 @@ class ShardDownloader:
             schema = schema.append(pa.field(name, kind))
         staging = os.path.join(layout.staging(self.output), f"shard-{shard_id}-{uuid.uuid4().hex}")
         os.makedirs(staging, exist_ok=True)
-        writer = WebDatasetSampleWriter(
-            shard_id, staging, True, self.oom_shard_count, schema, "jpg"
-        )
-        return _OpenShard(row, rows, staging, writer, start)
+        return _OpenShard(row, rows, staging, self._writer(shard_id, staging, schema), start)
+
+    def _writer(self, shard_id: int, staging: str, schema: pa.Schema) -> Any:
+        """img2dataset's webdataset writer (tar and parquet) for a shard, in ``staging``."""
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        return WebDatasetSampleWriter(shard_id, staging, True, self.oom_shard_count, schema, "jpg")
 
     def _add(self, shard: _OpenShard, got: Fetched, keys: list[str] | None = None) -> None:
         """One fetched row into its shard's tar and parquet (its sample key img2dataset's, from
@@ -261,16 +263,13 @@ class ShardDownloader:
     ) -> tuple[Counter[str], Counter[str], Counter[str]]:
         """Every row into the staging folder's tar and parquet, as its fetch comes back (its
         sample key img2dataset's, from its place in the shard, or ``keys``' where given)."""
-        from img2dataset.writer import WebDatasetSampleWriter
-
-        writer = WebDatasetSampleWriter(
-            shard_id, staging, True, self.oom_shard_count, schema, "jpg"
+        shard = _OpenShard(
+            (shard_id, ""), rows, staging, self._writer(shard_id, staging, schema), 0
         )
-        shard = _OpenShard((shard_id, ""), rows, staging, writer, time.time())
         with contextlib.closing(self._fetched([rows])) as fetched:
             for _, got in fetched:
                 self._add(shard, got, keys)
-        writer.close()
+        shard.writer.close()
         return shard.counts, shard.reasons, shard.transient
 
     @contextmanager

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from coyo_platform.common.machine import cpu_model
 from coyo_platform.label.settings import DEFAULT_BATCH
 
 VERSION = 2  # 2: interleaved best-of rounds after warming every candidate
@@ -71,15 +71,7 @@ def machine(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         name = f"{props.name}, {props.total_memory // 2**20} MiB"
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as fh:
-                name = next(
-                    (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), name
-                )
-        except OSError:
-            pass
-        name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     return f"{device.type}: {name}; torch {torch.__version__}"
 
 
