@@ -245,10 +245,9 @@ def run_engine(
     from coyo_platform.download.statuses import failure_reason
 
     rows = pl.concat([pl.read_parquet(p) for p in sorted(Path(out).glob("*.parquet"))])
-    peak = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-    )
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    peak = max(u.ru_maxrss for u in usage)
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)  # the engine's processes, after they ended
     success_ids, timeout_ids, others = [], [], {}
     for row_id, status, message in rows.select("id", "status", "error_message").iter_rows():
         if status == "success":
@@ -270,6 +269,7 @@ def run_engine(
                 "other_failures": sum(others.values()),
                 "other_reasons": others,
                 "peak_rss_mb": peak / 1024,
+                "cpu_seconds": cpu,
                 "success_ids": success_ids,
                 "timeout_ids": timeout_ids,
             }
@@ -963,7 +963,9 @@ def cpu_bound(args: argparse.Namespace) -> None:
             sys.exit(f"{engine}: {result['success']} of {args.images} images downloaded")
         results[engine] = result
         rate = result["rows"] / result["seconds"]
+        cpu_ms = 1000 * result["cpu_seconds"] / result["rows"]
         print(f"{engine:12s} {result['seconds']:7.1f} s  {rate:7.1f} img/s  "
+              f"CPU {cpu_ms:5.1f} ms/img  "
               f"peak RSS {result['peak_rss_mb']:,.0f} MB")  # fmt: skip
     server.shutdown()
     shutil.rmtree(work, ignore_errors=True)

@@ -230,7 +230,7 @@ def run_ours(data: Path, parts: int, run_dir: Path) -> dict:
         agg = stats.aggregate_files(files, stats.CARD_THRESHOLDS, store, index_url=path)
         steps["aggregate_files"] += time.perf_counter() - t  # the index written included
         t = time.perf_counter()
-        store.write_json(str(run_dir / f"part-{p:05d}.json"), agg.to_json())
+        store.write_json(str(run_dir / f"part-{p:05d}.json"), agg.to_json(), compact=True)
         steps["write_json"] += time.perf_counter() - t
         index_files.append(path)
         aggs.append(agg)

@@ -504,6 +504,31 @@ def test_urls_are_sent_as_a_browser_sends_them(monkeypatch: pytest.MonkeyPatch):
         fetcher.fetch("http://\u0301abc.example/x.png")  # a label opening with a combining mark
 
 
+def test_one_thread_s_fetches_each_get_their_own_time_limit_and_guard(web):
+    """A thread keeps its opener from fetch to fetch: each fetch still gets a deadline of its
+    own (a fetch after one cut at the time limit succeeds), redirects still go through the
+    guard, and the limit still cuts a trickling body."""
+    from coyo_platform.download.fetch import Fetcher, FetchError
+    from coyo_platform.download.statuses import BLOCKED, TIMEOUT
+
+    files, urls, inside, internal_hits = web
+    base = urls["web"]
+    fetcher = Fetcher(guard=Guard((ipaddress.ip_network(f"{WEB_HOST}/32"),)), max_seconds=3)
+    for _ in range(2):
+        start = time.monotonic()
+        with pytest.raises(FetchError) as cut:
+            fetcher.fetch(f"{base}/trickle.jpg")
+        assert cut.value.status == TIMEOUT
+        assert time.monotonic() - start >= 2.5  # its own 3 s, not what an earlier fetch left
+        assert fetcher.fetch(f"{base}/photo.jpg") == files.photo
+        assert fetcher.fetch(f"{base}/r?to={base}/photo2.jpg") == files.photo
+        hits = sum(internal_hits.values())
+        with pytest.raises(FetchError) as blocked:
+            fetcher.fetch(f"{base}/r?to={inside}/latest/meta-data/")
+        assert blocked.value.status == BLOCKED and "loopback" in str(blocked.value)
+        assert sum(internal_hits.values()) == hits
+
+
 def test_the_allow_list_opens_only_what_it_names():
     guard = Guard((ipaddress.ip_network("10.20.0.0/16"),))
     guard.check(ipaddress.ip_address("10.20.3.4"))

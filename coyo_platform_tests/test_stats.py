@@ -73,8 +73,43 @@ def test_merge_refuses_different_thresholds():
         )
 
 
+def test_every_count_of_labels_above_a_threshold_from_0_to_50_is_counted_exactly():
+    """The search's every branch: one row of 50 labels per count k = 0..50 of labels that clear
+    every threshold (the rest clear none), and rows whose k-th label sits exactly on a
+    threshold's float32 value (counted as above)."""
+    rows = []
+    for k in range(51):
+        rows.append(
+            {
+                "labels": list(range(50)),
+                "label_probs": [0.9 - 0.001 * j for j in range(k)] + [0.01] * (50 - k),
+                "error": None,
+            }
+        )
+    for k in (1, 2, 3, 16, 17, 33, 50):  # the k-th probability exactly 0.05 (as float32)
+        probs = [0.9] * (k - 1) + [0.05] + [0.001] * (50 - k)
+        rows.append({"labels": list(range(50)), "label_probs": probs, "error": None})
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "labels": pl.List(pl.Int32),
+            "label_probs": pl.List(pl.Float32),
+            "error": pl.String,
+        },
+    )
+    agg = stats.partial_aggregate(frame.lazy())
+    on = (1, 2, 3, 16, 17, 33, 50)
+    for counts in agg.thresholds:  # 0.05 clears only the lowest threshold
+        below = 0 if counts.threshold == 0.05 else 1  # labels of the rows in ``on`` left out
+        above = Counter(range(1, 51)) + Counter(k - below for k in on if k - below)
+        assert counts.labels_per_image == {str(k): v for k, v in sorted(above.items())}
+        assert counts.class_counts == {
+            str(c): 50 - c + sum(c < k - below for k in on) for c in range(50)
+        }
+
+
 def test_rows_with_fewer_or_more_than_top_k_labels_are_counted_exactly():
-    """The counts above each threshold are a binary search over list positions for up to 50
+    """The counts above each threshold are a search over list positions for up to 50
     labels (past a list's end counts as below) and a whole-list count beyond: rows of 1, 7, 50
     and 64 labels give the direct count, and the stats survive their JSON."""
     rng = random.Random(5)

@@ -149,21 +149,34 @@ def _sql_cut(t: float) -> str:
     return f"{float(f32_cut(t))!r}::FLOAT"
 
 
-def _sql_above(column: str, t: float, lo: int = 0, hi: int = TOP_K) -> str:
+def _sql_above(column: str, t: float) -> str:
     """How many of a row's probabilities (``column``, sorted descending) are above ``t``, as a
-    binary search of CASE expressions over list positions: six element reads a row instead of a
-    pass over all 50 (``list_filter``). A position past a list's end reads NULL, which counts as
+    galloping search of CASE expressions over list positions: positions 1, 2, 4, 8 and 16 until
+    one is below ``t``, then a binary search between the last two (past 16: 16-50). A row reads
+    1 element for a count of 0, 2 for 1, 4 for 2-3 and at most 11, where a plain binary search
+    reads 6 and a ``list_filter`` pass all 50 (in the stats benchmark's data a row has 2.66
+    labels above 0.05 on average). A position past a list's end reads NULL, which counts as
     below; a list longer than ``TOP_K`` is counted whole. The label program never writes a NULL
     or NaN inside a list (a failed image has no lists at all)."""
+    whole = f"len(list_filter({column}, lambda x: x >= {_sql_cut(t)}))"
+    return f"CASE WHEN len({column}) <= {TOP_K} THEN {_sql_gallop(column, t, 1)} ELSE {whole} END"
+
+
+def _sql_gallop(column: str, t: float, k: int) -> str:
+    """The count, given that it is at least ``k // 2``."""
+    if 2 * k > TOP_K:  # past position 16: a binary search of 16-50
+        return _sql_search(column, t, k // 2, TOP_K)
+    above, below = _sql_gallop(column, t, 2 * k), _sql_search(column, t, k // 2, k - 1)
+    return f"CASE WHEN {column}[{k}] >= {_sql_cut(t)} THEN {above} ELSE {below} END"
+
+
+def _sql_search(column: str, t: float, lo: int, hi: int) -> str:
+    """The count, given that it lies in [lo, hi]: a binary search."""
     if lo == hi:
         return str(lo)
     mid = (lo + hi + 1) // 2
-    above, below = _sql_above(column, t, mid, hi), _sql_above(column, t, lo, mid - 1)
-    search = f"CASE WHEN {column}[{mid}] >= {_sql_cut(t)} THEN {above} ELSE {below} END"
-    if (lo, hi) != (0, TOP_K):
-        return search
-    whole = f"len(list_filter({column}, lambda x: x >= {_sql_cut(t)}))"
-    return f"CASE WHEN len({column}) <= {TOP_K} THEN {search} ELSE {whole} END"
+    above, below = _sql_search(column, t, mid, hi), _sql_search(column, t, lo, mid - 1)
+    return f"CASE WHEN {column}[{mid}] >= {_sql_cut(t)} THEN {above} ELSE {below} END"
 
 
 def _sql_bin(column: str, bins: int) -> str:

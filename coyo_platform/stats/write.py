@@ -62,7 +62,7 @@ def write_partition_stats(store: Storage, key: str, settings: StatsSettings) -> 
     agg = aggregate_files(files, settings.thresholds, store, index_url=layout.index(store, key))
     agg.labelers = [labeler]
     url = layout.stats(store, key)
-    store.write_json(url, agg.to_json())
+    store.write_json(url, agg.to_json(), compact=True)
     return _with_chart(store, agg, url)
 
 
@@ -77,6 +77,6 @@ def write_rollup(store: Storage) -> tuple[Written, list[str]]:
         Aggregate.from_json(store.read_json(layout.stats(store, k))) for k in keys
     )
     url = layout.rollup(store)
-    store.write_json(url, agg.to_json())
+    store.write_json(url, agg.to_json(), compact=True)
     store.write_parquet(layout.class_counts(store), class_counts_table(agg, class_names()))
     return _with_chart(store, agg, url), keys
