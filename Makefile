@@ -5,6 +5,7 @@
 # make bench-stats: label stats and the target threshold vs DuckDB (benchmarks/stats.py)
 # make bench-download: the guarded download program vs img2dataset's own (benchmarks/download.py):
 #   CPU-bound on one loopback server, then a realistic web (64 hosts, TLS, latency, stalls)
+# make bench-scale: the sensors' ticks on a full run's layout, folder and S3 (benchmarks/scale.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui lint clean bench bench-gpu bench-stats bench-download chromium
+.PHONY: demo test ui lint clean bench bench-gpu bench-stats bench-download bench-scale chromium
 
 $(BIN)/coyo-platform: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +56,9 @@ bench-stats: $(BIN)/coyo-platform
 bench-download: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/download.py
 	$(BIN)/python benchmarks/download.py --web
+
+bench-scale: $(BIN)/coyo-platform
+	$(BIN)/python benchmarks/scale.py
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -8,7 +8,7 @@ import json
 
 import dagster as dg
 
-from coyo_platform.common.shards import downloaded_partitions, labeling_todo
+from coyo_platform.common.shards import downloaded_partitions, labeling_todos
 from coyo_platform.ingest.sources import list_parts
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
@@ -80,8 +80,8 @@ def unlabeled_shards_sensor(
     store = storage.store()
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
-    for key in downloaded_partitions(store):
-        todo = labeling_todo(store, key)
+    keys = downloaded_partitions(store)
+    for key, todo in zip(keys, labeling_todos(store, keys), strict=True):
         if not todo.missing:
             continue
         busy = context.instance.get_runs(

@@ -102,12 +102,13 @@ def _download_benchmark(tmp_path: Path, *args: str) -> tuple[list[str], dict, di
 def test_download_benchmark_prints_both_engines_and_the_ratio(tmp_path: Path):
     lines, figures, engines = _download_benchmark(tmp_path, "--quick")
     for line in engines.values():
-        assert "peak RSS" in line
+        assert "peak RSS" in line and " ms/img " in line  # CPU per image, each engine
     _ratio_line(lines, "0.95")
     assert any(ln.startswith("# load average before: ") for ln in lines)
     assert any(ln.startswith("# load average after: ") for ln in lines)
     assert figures["target"] == 0.95 and figures["ratio_images_per_second"] > 0
     assert all(figures["engines"][e]["success"] == 40 for e in ("img2dataset", "ours"))
+    assert all(figures["engines"][e]["cpu_seconds"] > 0 for e in ("img2dataset", "ours"))
 
 
 def test_download_web_benchmark_reaches_tls_hosts_and_times_out_stalled_ones(tmp_path: Path):
@@ -159,3 +160,33 @@ def test_download_soak_prints_its_figures_and_loses_nothing():
         assert line in done.stdout
     assert "every id once: True" in done.stdout
     assert "every image once in the tars: True" in done.stdout
+
+
+def test_scale_benchmark_times_each_sensor_tick_and_counts_s3_requests(tmp_path: Path):
+    """``benchmarks/scale.py --quick``: both sensors' ticks on a folder and on moto's S3 at 2
+    and 4 partitions; on S3 every request is counted, and a tick with nothing new reads each
+    partition with a few requests (its pointers and two listings), not a listing per file."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/scale.py", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["store"], r["parts"], r["sensor"], r["case"]) for r in rows}
+    for store in ("folder", "s3 (moto)"):
+        for parts in (2, 4):
+            for case in ("nothing new", "one new shard", "one new part"):
+                assert (store, parts, "unlabeled_shards_sensor", case) in cases
+            assert (store, parts, "coyo_parts_sensor", "one new part") in cases
+    s3 = {(r["parts"], r["case"]): r for r in rows if r["store"] != "folder"}
+    for parts in (2, 4):
+        idle = s3[(parts, "nothing new")]
+        assert idle["run_requests"] == 0
+        assert 0 < idle["requests"] <= 2 + 5 * parts, idle  # the root, a label set, 5 a part
+        assert s3[(parts, "one new shard")]["run_requests"] == 1
+    assert any(
+        line.startswith("target: unlabeled_shards_sensor") for line in done.stdout.splitlines()
+    )

@@ -87,3 +87,30 @@ def test_pipeline_on_s3_matches_the_folder_run(
     link = stats.metadata["chart_image"].value.split("](", 1)[1].rstrip(")")
     assert link.startswith(s3_endpoint) or link.startswith("https://")
     assert urllib.request.urlopen(link).read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_folder_s_listing_matches_fsspec_glob_on_s3_and_on_disk(s3_bucket: str, tmp_path: Path):
+    """``Storage.glob`` lists a folder once where the wildcards are in the last part; it finds
+    what fsspec's own glob finds (files, a subfolder, names with dots), on S3 and on a disk, and
+    nothing in a folder that is not there."""
+    import fsspec
+
+    names = ["00000.tar", "00000.parquet", "00000_stats.json", "00001.tar", "_fingerprint.json"]
+    names += ["_crawl_dedup/dropped.parquet", "00001.tar.tmp-ab12"]
+    stores = [Storage(f"s3://{s3_bucket}/run"), Storage(str(tmp_path / "run"))]
+    for store in stores:
+        for name in names:
+            store.write_bytes(store.url("downloaded_shards", "part-00000", name), b"x")
+        folder = store.url("downloaded_shards", "part-00000")
+        fs = fsspec.core.url_to_fs(store.root)[0]
+        for pattern in ("*_stats.json", "*.tar", "*", "_*", "0000?.parquet", "*.tmp-*"):
+            got = store.glob(f"{folder}/{pattern}")
+            expected = sorted(fs.glob(f"{folder}/{pattern}"))
+            assert [p.rsplit("/", 1)[-1] for p in got] == [
+                p.rstrip("/").rsplit("/", 1)[-1] for p in expected
+            ], pattern
+            assert got, pattern
+        assert store.glob(store.url("downloaded_shards", "part-00009", "*.tar")) == []
+        assert store.read_json_if_exists(store.url("nothing.json")) is None
+        store.write_json(store.url("a.json"), {"b": 1})
+        assert store.read_json(store.url("a.json")) == {"b": 1}

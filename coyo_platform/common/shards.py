@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -25,6 +27,7 @@ from coyo_platform.common import layout, provenance
 from coyo_platform.common.storage import Storage
 
 _KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+_LABELERS_LOCK = threading.Lock()
 
 
 def tars(store: Storage, folder: str) -> list[str]:
@@ -145,13 +148,21 @@ class LabelingTodo:
     run_key: str
 
 
-def labeling_todo(store: Storage, key: str) -> LabelingTodo:
+def labeling_todo(
+    store: Storage, key: str, labelers: dict[str, dict | None] | None = None
+) -> LabelingTodo:
+    """``labelers``: label set records read so far, by labeler id (a sensor's tick asks about
+    every partition, and most share one label set: read once, not once per partition)."""
     record = current_labels(store, key)
     labeler = record["labeler"] if record else None
     settings = None
     if labeler:
-        made = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
-        settings = (made or {}).get("settings")
+        labelers = {} if labelers is None else labelers
+        with _LABELERS_LOCK:  # one read per label set, even when partitions ask at once
+            if labeler not in labelers:
+                url = layout.labeler_record(layout.label_sets(store), labeler)
+                labelers[labeler] = store.read_json_if_exists(url)
+        settings = (labelers[labeler] or {}).get("settings")
     downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
     revised = revisions(store, layout.shards(store, key))
     missing = unlabeled(store, key, labeler, revised)
@@ -161,13 +172,27 @@ def labeling_todo(store: Storage, key: str) -> LabelingTodo:
     return LabelingTodo(missing, settings, provenance.digest([named, made_from, labeler]))
 
 
+#: Partitions whose storage a tick of the sensor reads at once: on S3 each is a few GETs and
+#: LISTs (``benchmarks/scale.py``), which overlap instead of queueing one after the other.
+TODO_THREADS = 16
+
+
+def labeling_todos(store: Storage, keys: list[str]) -> list[LabelingTodo]:
+    """:func:`labeling_todo` for each of ``keys``, in order, ``TODO_THREADS`` partitions at a
+    time, each label set's record read once."""
+    labelers: dict[str, dict | None] = {}
+    with ThreadPoolExecutor(TODO_THREADS, thread_name_prefix="labeling-todo") as pool:
+        return list(pool.map(lambda key: labeling_todo(store, key, labelers), keys))
+
+
 def downloaded_partitions(store: Storage) -> list[str]:
     """Partition keys that have a shard folder under the storage root (written by this platform
     or by img2dataset run elsewhere into the same layout)."""
     root = store.url(layout.DOWNLOADS)
-    if not store.exists(root):
+    try:
+        entries = store.fs.ls(root, detail=True)  # one listing: names and types together
+    except FileNotFoundError:
         return []
-    entries = store.fs.ls(root, detail=True)  # one listing: names and types together
     names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"}
     return sorted(n for n in names if _KEY.match(n))
 

@@ -43,9 +43,11 @@ class hands to fsspec and polars alike and, through ``env()``, to the programs i
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -75,6 +77,9 @@ POLARS_RETRY_OPTIONS = {
     "retry_base_multiplier": 2,
     "retry_timeout_ms": 120_000,
 }
+
+
+_WILDCARDS = re.compile(r"[*?\[]")
 
 
 def is_local(url: str) -> bool:
@@ -126,8 +131,22 @@ class Storage:
         return self.fs.exists(url)
 
     def glob(self, pattern: str) -> list[str]:
-        """Matching URLs, sorted, with the root's protocol kept."""
-        found = sorted(self.fs.glob(pattern))
+        """Matching URLs, sorted, with the root's protocol kept. A pattern whose wildcards are
+        all in its last part (``<folder>/*_stats.json``) is one listing of the folder, filtered
+        here: on S3, one LIST a 1,000 names, where fsspec's glob made a HEAD and three LISTs
+        for a folder of a few files (``benchmarks/scale.py``). A folder that is not there
+        matches nothing."""
+        folder, _, name = pattern.rpartition("/")
+        if folder and not _WILDCARDS.search(folder) and _WILDCARDS.search(name):
+            try:
+                listed = self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                listed = []
+            found = sorted(
+                p for p in listed if fnmatch.fnmatchcase(p.rstrip("/").rsplit("/", 1)[-1], name)
+            )
+        else:
+            found = sorted(self.fs.glob(pattern))
         if self.is_local:
             return found
         protocol = self.root.split("://", 1)[0]
@@ -203,8 +222,11 @@ class Storage:
         self.write_bytes(url, text.encode())
 
     def read_json(self, url: str) -> Any:
-        with self.fs.open(url, "rb") as fh:
-            return json.load(fh)
+        """The JSON at ``url``: one GET on S3 (opening the file first asked its size, a HEAD,
+        and for a file not there a LIST too; s3fs's ``cat_file`` asks the size too unless it
+        reads in one piece)."""
+        options = {} if self.is_local else {"max_concurrency": 1}
+        return json.loads(self.fs.cat_file(url, **options))
 
     def parquet_metadata(self, url: str) -> tuple[int, dict[str, str]]:
         """A parquet file's row count and key-value metadata, from its footer alone."""
