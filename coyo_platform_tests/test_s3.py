@@ -103,14 +103,14 @@ def test_a_folder_s_listing_matches_fsspec_glob_on_s3_and_on_disk(s3_bucket: str
             store.write_bytes(store.url("downloaded_shards", "part-00000", name), b"x")
         folder = store.url("downloaded_shards", "part-00000")
         fs = fsspec.core.url_to_fs(store.root)[0]
+        protocol = "" if store.is_local else "s3://"
         for pattern in ("*_stats.json", "*.tar", "*", "_*", "0000?.parquet", "*.tmp-*"):
             got = store.glob(f"{folder}/{pattern}")
-            expected = sorted(fs.glob(f"{folder}/{pattern}"))
-            assert [p.rsplit("/", 1)[-1] for p in got] == [
-                p.rstrip("/").rsplit("/", 1)[-1] for p in expected
-            ], pattern
-            assert got, pattern
+            expected = sorted(protocol + p for p in fs.glob(f"{folder}/{pattern}"))
+            assert got == expected, pattern
+            assert got and all(p.startswith(f"{folder}/") for p in got), pattern
         assert store.glob(store.url("downloaded_shards", "part-00009", "*.tar")) == []
+        assert store.glob(f"{folder}/00000.tar/*") == []  # a file is not a folder
         assert store.read_json_if_exists(store.url("nothing.json")) is None
         store.write_json(store.url("a.json"), {"b": 1})
         assert store.read_json(store.url("a.json")) == {"b": 1}

@@ -15,9 +15,11 @@ done when its parquet exists (written whole, ``label/writer.py``).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,7 +29,6 @@ from coyo_platform.common import layout, provenance
 from coyo_platform.common.storage import Storage
 
 _KEY = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-_LABELERS_LOCK = threading.Lock()
 
 
 def tars(store: Storage, folder: str) -> list[str]:
@@ -148,21 +149,22 @@ class LabelingTodo:
     run_key: str
 
 
+def labeler_settings(store: Storage, labeler: str) -> dict | None:
+    """The settings a label set was made with, from its record (None: no record)."""
+    made = store.read_json_if_exists(layout.labeler_record(layout.label_sets(store), labeler))
+    return (made or {}).get("settings")
+
+
 def labeling_todo(
-    store: Storage, key: str, labelers: dict[str, dict | None] | None = None
+    store: Storage, key: str, settings_of: Callable[[str], dict | None] | None = None
 ) -> LabelingTodo:
-    """``labelers``: label set records read so far, by labeler id (a sensor's tick asks about
-    every partition, and most share one label set: read once, not once per partition)."""
+    """``settings_of``: a label set's settings by labeler id (a sensor's tick asks about every
+    partition, and most share one label set: :func:`labeling_todos` reads each once)."""
     record = current_labels(store, key)
     labeler = record["labeler"] if record else None
-    settings = None
-    if labeler:
-        labelers = {} if labelers is None else labelers
-        with _LABELERS_LOCK:  # one read per label set, even when partitions ask at once
-            if labeler not in labelers:
-                url = layout.labeler_record(layout.label_sets(store), labeler)
-                labelers[labeler] = store.read_json_if_exists(url)
-        settings = (labelers[labeler] or {}).get("settings")
+    settings = (
+        (settings_of or functools.partial(labeler_settings, store))(labeler) if labeler else None
+    )
     downloads = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
     revised = revisions(store, layout.shards(store, key))
     missing = unlabeled(store, key, labeler, revised)
@@ -172,17 +174,31 @@ def labeling_todo(
     return LabelingTodo(missing, settings, provenance.digest([named, made_from, labeler]))
 
 
-#: Partitions whose storage a tick of the sensor reads at once: on S3 each is a few GETs and
-#: LISTs (``benchmarks/scale.py``), which overlap instead of queueing one after the other.
+#: Partitions whose storage a tick of the sensor reads at once on S3: each is a few GETs and
+#: LISTs (``benchmarks/scale.py``), which overlap instead of queueing one after the other. A
+#: local folder is read on one thread (matching names holds the GIL: threads made it slower).
 TODO_THREADS = 16
 
 
 def labeling_todos(store: Storage, keys: list[str]) -> list[LabelingTodo]:
     """:func:`labeling_todo` for each of ``keys``, in order, ``TODO_THREADS`` partitions at a
-    time, each label set's record read once."""
-    labelers: dict[str, dict | None] = {}
+    time on S3, each label set's record read once."""
+    read: dict[str, dict | None] = {}
+    lock = threading.Lock()
+
+    def settings_of(labeler: str) -> dict | None:
+        with lock:  # this tick's only lock: the first partition of a label set reads its record
+            if labeler not in read:
+                read[labeler] = labeler_settings(store, labeler)
+            return read[labeler]
+
+    def todo(key: str) -> LabelingTodo:
+        return labeling_todo(store, key, settings_of)
+
+    if store.is_local:
+        return [todo(key) for key in keys]
     with ThreadPoolExecutor(TODO_THREADS, thread_name_prefix="labeling-todo") as pool:
-        return list(pool.map(lambda key: labeling_todo(store, key, labelers), keys))
+        return list(pool.map(todo, keys))
 
 
 def downloaded_partitions(store: Storage) -> list[str]:

@@ -68,6 +68,8 @@ S3_MAX_ATTEMPTS = 8
 #: Rounds of s3fs's own loop around each call (its default is 5): 3 keeps a dead store's failure
 #: to about 2 minutes, and still retries GET bodies cut mid-stream, which botocore cannot.
 S3FS_RETRIES = 3
+#: Connections per S3 client (botocore's default is 10): ``shards.TODO_THREADS`` at once.
+S3_CONNECTIONS = 16
 #: polars' (object_store's) retries for ``scan_parquet``, the same order of patience: up to 10
 #: retries, 250 ms growing to 15 s apart, within 2 minutes.
 POLARS_RETRY_OPTIONS = {
@@ -106,7 +108,8 @@ class Storage:
             options["use_listings_cache"] = False
             # total_max_attempts counts the first request; botocore's max_attempts would not
             retries = {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS}
-            options["config_kwargs"] = {"retries": retries}
+            # botocore's pool is 10 connections: the sensor's tick reads 16 partitions at once
+            options["config_kwargs"] = {"retries": retries, "max_pool_connections": S3_CONNECTIONS}
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
         if not self.is_local:  # not a constructor argument; instances with these options share it
             self.fs.retries = S3FS_RETRIES
@@ -137,13 +140,22 @@ class Storage:
         for a folder of a few files (``benchmarks/scale.py``). A folder that is not there
         matches nothing."""
         folder, _, name = pattern.rpartition("/")
-        if folder and not _WILDCARDS.search(folder) and _WILDCARDS.search(name):
+        if (
+            folder
+            and not _WILDCARDS.search(folder)
+            and _WILDCARDS.search(name)
+            and "**" not in name
+        ):
             try:
                 listed = self.fs.ls(folder, detail=False)
             except FileNotFoundError:
                 listed = []
-            found = sorted(
-                p for p in listed if fnmatch.fnmatchcase(p.rstrip("/").rsplit("/", 1)[-1], name)
+            below = self.fs._strip_protocol(folder).rstrip("/") + "/"  # not the folder itself,
+            found = sorted(  # nor a file of that name (ls lists a file as itself)
+                p
+                for p in listed
+                if p.startswith(below)
+                and fnmatch.fnmatchcase(p.rstrip("/").rsplit("/", 1)[-1], name)
             )
         else:
             found = sorted(self.fs.glob(pattern))

@@ -201,8 +201,12 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _Response(http.client.HTTPResponse):
-    def __init__(self, sock, *args, timeout: float, deadline: float, **kwargs) -> None:  # noqa: ANN001
+    """A response read against the deadline of this thread's fetch under way (read when the
+    response is made, not when its connection was)."""
+
+    def __init__(self, sock, *args, timeout: float, **kwargs) -> None:  # noqa: ANN001
         super().__init__(sock, *args, **kwargs)
+        deadline = _THREAD.deadline
         # keep the socket stream (it holds the socket open after urllib drops the connection)
         self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, timeout, deadline))
 
@@ -226,9 +230,7 @@ def _connection_class(base: type, guard: Guard, timeout: float):
     def make(host: str, **kwargs):
         conn = base(host, **kwargs)
         conn._create_connection = connect  # an instance attribute in http.client, by design
-        conn.response_class = functools.partial(
-            _Response, timeout=timeout, deadline=_THREAD.deadline
-        )
+        conn.response_class = functools.partial(_Response, timeout=timeout)
         return conn
 
     return make
