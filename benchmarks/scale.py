@@ -245,12 +245,6 @@ def measure(where, parts: int, shards: int) -> list[dict]:  # noqa: ANN001
     return rows
 
 
-def machine() -> str:
-    from coyo_platform.common.machine import cpu_model
-
-    return cpu_model()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="16,64,128", help="partition counts, comma-separated")
@@ -262,7 +256,9 @@ def main() -> None:
     sizes = [2, 4] if args.quick else [int(p) for p in args.parts.split(",")]
     shards = 5 if args.quick else args.shards
     stores = args.stores.split(",")
-    print(f"# {machine()}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    from coyo_platform.common.machine import cpu_model
+
+    print(f"# {cpu_model()}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"# {shards} finished shards per partition, every shard file empty (names only)")
     rows = []
     server = S3Server() if "s3" in stores else None
@@ -294,7 +290,7 @@ def main() -> None:
                   f"listings scan the whole bucket); {r['requests']} requests, "
                   f"{r['requests'] / max(sizes):.1f} a partition")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": cpu_model(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,37 +12,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _benchmark(script: str, *args: str) -> str:
+    """``benchmarks/<script> *args`` from the repository root; its stdout (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def test_label_benchmark_prints_all_three_rates_and_ratios(tmp_path: Path):
     out = tmp_path / "figures.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/label.py",
-            "--model",
-            "test_efficientnet",
-            "--images",
-            "48",
-            "--shard-size",
-            "12",
-            "--batch-size",
-            "8",
-            "--ceiling-seconds",
-            "0.5",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    stdout = _benchmark(
+        "label.py",
+        *("--model", "test_efficientnet", "--images", "48", "--shard-size", "12"),
+        *("--batch-size", "8", "--ceiling-seconds", "0.5"),
+        *("--workdir", str(tmp_path / "work"), "--json", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     for line in ("(a) model alone", "(b) label program end to end", "(c) timm inference.py style"):
-        assert line in done.stdout
-    assert "target b/c >= 1.3" in done.stdout and "b/a = " in done.stdout
-    assert "(d) loader CPU per image: coyo preset, 512 px path" in done.stdout
-    assert "(target <= 2.5 ms per core" in done.stdout
+        assert line in stdout
+    assert "target b/c >= 1.3" in stdout and "b/a = " in stdout
+    assert "(d) loader CPU per image: coyo preset, 512 px path" in stdout
+    assert "(target <= 2.5 ms per core" in stdout
     figures = json.loads(out.read_text())
     assert figures["b_images_labeled"] == 48
     assert figures["d_loader_cpu_ms_per_image_coyo_512"] > 0
@@ -52,14 +43,7 @@ def test_label_benchmark_prints_all_three_rates_and_ratios(tmp_path: Path):
 
 
 def test_stats_benchmark_prints_both_engines_the_ratio_and_agreement(tmp_path: Path):
-    done = subprocess.run(
-        [sys.executable, "benchmarks/stats.py", "--quick", "--workdir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    out = _benchmark("stats.py", "--quick", "--workdir", str(tmp_path))
     assert "MISMATCH" not in out
     for rows in ("40,000 rows (2 parts)", "80,000 rows (4 parts)"):
         assert rows in out
@@ -85,14 +69,7 @@ def _ratio_line(lines: list[str], target: str) -> str:
 def _download_benchmark(tmp_path: Path, *args: str) -> tuple[list[str], dict, dict[str, str]]:
     """``benchmarks/download.py *args --json``: its lines, its figures, each engine's line."""
     out = tmp_path / "figures.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/download.py", *args, "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = _benchmark("download.py", *args, "--json", str(out)).splitlines()
     engines = {}
     for engine in ("img2dataset", "ours"):
         [engines[engine]] = [ln for ln in lines if ln.split()[:1] == [engine] and "img/s " in ln]
@@ -150,17 +127,11 @@ def test_download_web_benchmark_reaches_tls_hosts_and_times_out_stalled_ones(tmp
 
 def test_download_soak_prints_its_figures_and_loses_nothing():
     """The soak in small: hostile rows, transient ones and an outage; every id once."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/download.py", "--soak", "--quick", "--transient", "0.05"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = _benchmark("download.py", "--soak", "--quick", "--transient", "0.05")
     for line in ("first run:", "retry run:", "rows recovered", "img/s", "peak RSS"):
-        assert line in done.stdout
-    assert "every id once: True" in done.stdout
-    assert "every image once in the tars: True" in done.stdout
+        assert line in out
+    assert "every id once: True" in out
+    assert "every image once in the tars: True" in out
 
 
 def test_scale_benchmark_times_each_sensor_tick_and_counts_s3_requests(tmp_path: Path):
@@ -168,13 +139,7 @@ def test_scale_benchmark_times_each_sensor_tick_and_counts_s3_requests(tmp_path:
     and 4 partitions; on S3 every request is counted, and a tick with nothing new reads each
     partition with a few requests (its pointers and two listings), not a listing per file."""
     out = tmp_path / "scale.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/scale.py", "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout = _benchmark("scale.py", "--quick", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     cases = {(r["store"], r["parts"], r["sensor"], r["case"]) for r in rows}
     for store in ("folder", "s3 (moto)"):
@@ -188,6 +153,4 @@ def test_scale_benchmark_times_each_sensor_tick_and_counts_s3_requests(tmp_path:
         assert idle["run_requests"] == 0
         assert 0 < idle["requests"] <= 2 + 5 * parts, idle  # the root, a label set, 5 a part
         assert s3[(parts, "one new shard")]["run_requests"] == 1
-    assert any(
-        line.startswith("target: unlabeled_shards_sensor") for line in done.stdout.splitlines()
-    )
+    assert any(line.startswith("target: unlabeled_shards_sensor") for line in stdout.splitlines())

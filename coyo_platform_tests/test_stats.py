@@ -13,14 +13,8 @@ from coyo_platform.stats import aggregate as stats
 from coyo_platform.stats.report import threshold_rows
 
 
-def _labels(n: int, seed: int) -> pl.DataFrame:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        probs = sorted((rng.random() ** 4 for _ in range(50)), reverse=True)
-        labels = rng.sample(range(21_841), 50)
-        error = "decode: OSError" if i % 17 == 0 else None
-        rows.append({"labels": labels, "label_probs": probs, "error": error})
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    """Label rows in the label program's column types."""
     return pl.DataFrame(
         rows,
         schema={
@@ -29,6 +23,17 @@ def _labels(n: int, seed: int) -> pl.DataFrame:
             "error": pl.String,
         },
     )
+
+
+def _labels(n: int, seed: int) -> pl.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        probs = sorted((rng.random() ** 4 for _ in range(50)), reverse=True)
+        labels = rng.sample(range(21_841), 50)
+        error = "decode: OSError" if i % 17 == 0 else None
+        rows.append({"labels": labels, "label_probs": probs, "error": error})
+    return _frame(rows)
 
 
 def _direct_table(frame: pl.DataFrame, t: float) -> tuple[float, int, float]:
@@ -89,14 +94,7 @@ def test_every_count_of_labels_above_a_threshold_from_0_to_50_is_counted_exactly
     for k in (1, 2, 3, 16, 17, 33, 50):  # the k-th probability exactly 0.05 (as float32)
         probs = [0.9] * (k - 1) + [0.05] + [0.001] * (50 - k)
         rows.append({"labels": list(range(50)), "label_probs": probs, "error": None})
-    frame = pl.DataFrame(
-        rows,
-        schema={
-            "labels": pl.List(pl.Int32),
-            "label_probs": pl.List(pl.Float32),
-            "error": pl.String,
-        },
-    )
+    frame = _frame(rows)
     agg = stats.partial_aggregate(frame.lazy())
     on = (1, 2, 3, 16, 17, 33, 50)
     for counts in agg.thresholds:  # 0.05 clears only the lowest threshold
@@ -120,14 +118,7 @@ def test_rows_with_fewer_or_more_than_top_k_labels_are_counted_exactly():
         rows.append({"labels": rng.sample(range(21_841), n), "label_probs": probs, "error": None})
         if i % 9 == 0:
             rows.append({"labels": None, "label_probs": None, "error": "decode: OSError"})
-    frame = pl.DataFrame(
-        rows,
-        schema={
-            "labels": pl.List(pl.Int32),
-            "label_probs": pl.List(pl.Float32),
-            "error": pl.String,
-        },
-    )
+    frame = _frame(rows)
     agg = stats.partial_aggregate(frame.lazy())
     for row, t in zip(threshold_rows(agg), stats.CARD_THRESHOLDS, strict=True):
         per_image, unique, share = _direct_table(frame, t)
