@@ -59,6 +59,7 @@ bench-download: $(BIN)/coyo-platform
 
 bench-scale: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/scale_stages.py
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

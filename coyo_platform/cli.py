@@ -6,6 +6,9 @@
     coyo-platform clear --parts part-00000 --from downloaded_shards [--data-root DIR]
     coyo-platform compare [--baseline LABELER --candidate LABELER] [--parts ...]
     coyo-platform demo
+    coyo-platform estimate [--parts 128] [--gpus N] [--download-nodes M] [--price-gpu USD]
+                           [--price-cpu USD] [--cores-per-node C] [--rows-per-part R]
+                           [--results DIR]
 
 ``run`` registers the parts as ``coyo_parts`` partitions in the Dagster instance at
 ``$DAGSTER_HOME`` (default ``./.dagster``, SQLite) and materializes every asset downstream of the
@@ -22,11 +25,16 @@ run stops with exit status 1.
 ``clear`` deletes some parts' output of one stage and of every stage after it, so that the next
 ``run`` makes them again: what a mismatch error (another source part, other download settings)
 tells you to run.
+
+``estimate`` prints what a full run costs and how long it takes, as markdown (README's cost
+table): from the benchmarks' JSON kept in ``--results`` where they were measured, published
+figures where not, saying which (``estimate.py`` names the files and the assumptions).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -318,7 +326,117 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     d = sub.add_parser("demo", help="offline demo: local image server, two small parts")
     d.add_argument("--workdir", default=None, help="where fixtures go (default: a temp dir)")
+    _estimate_parser(sub)
     return parser
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _amount(text: str, allow_zero: bool = False) -> float:
+    """An argparse type: a finite number above 0 (or at least 0 with ``allow_zero``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(
+            f"must be {'0 or more' if allow_zero else 'above 0'}, got {text}"
+        )
+    return value
+
+
+def _price(text: str) -> float:
+    return _amount(text, allow_zero=True)
+
+
+def _estimate_parser(sub: Any) -> None:
+    from coyo_platform import estimate as est
+
+    e = sub.add_parser("estimate", help="what a full run costs and how long it takes (markdown)")
+    e.add_argument(
+        "--parts", type=_count, default=est.CARD_PARTS, metavar="N", help="partitions (default 128)"
+    )
+    e.add_argument(
+        "--rows-per-part",
+        type=_amount,
+        default=est.ROWS_PER_PART,
+        metavar="ROWS",
+        help="rows a part (default: the card's 747M / 128)",
+    )
+    e.add_argument(
+        "--gpus",
+        type=_count,
+        default=est.GPUS,
+        metavar="N",
+        help=f"GPUs labeling (default {est.GPUS})",
+    )
+    e.add_argument(
+        "--download-nodes",
+        type=_count,
+        default=est.DOWNLOAD_NODES,
+        metavar="M",
+        help=f"download nodes (default {est.DOWNLOAD_NODES})",
+    )
+    e.add_argument(
+        "--cores-per-node",
+        type=_count,
+        default=est.CORES_PER_NODE,
+        metavar="C",
+        help=f"a download node's cores (default {est.CORES_PER_NODE})",
+    )
+    e.add_argument(
+        "--price-gpu",
+        type=_price,
+        default=None,
+        metavar="USD",
+        help=f"USD a GPU-hour (default {est.PRICE_GPU:.2f}: an H100 on demand, assumed)",
+    )
+    e.add_argument(
+        "--price-cpu",
+        type=_price,
+        default=None,
+        metavar="USD",
+        help=f"USD a download node-hour (default {est.PRICE_CPU:.2f}: a c7i.4xlarge, assumed)",
+    )
+    e.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"the benchmarks' kept JSON (default {est.DEFAULT_RESULTS}; missing: none)",
+    )
+
+
+def estimate(args: argparse.Namespace) -> str:
+    """``coyo-platform estimate``: the estimate's markdown; a clear exit for a folder that is not
+    there (when named) or a kept JSON it cannot use."""
+    from coyo_platform import estimate as est
+
+    if args.results is not None and not args.results.is_dir():
+        raise SystemExit(f"estimate: --results {args.results}: no such folder")
+    try:
+        figures = est.estimate(
+            args.parts,
+            gpus=args.gpus,
+            download_nodes=args.download_nodes,
+            price_gpu=args.price_gpu,
+            price_cpu=args.price_cpu,
+            cores_per_node=args.cores_per_node,
+            rows_per_part=args.rows_per_part,
+            results=args.results or est.DEFAULT_RESULTS,
+        )
+    except est.EstimateError as err:
+        raise SystemExit(f"estimate: {err}") from err
+    return est.render(figures)
 
 
 def configs_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -349,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         compare(args.baseline, args.candidate, args.parts, args.data_root, args.verbose)
     elif args.command == "clear":
         clear(args.parts, args.stage, args.data_root)
+    elif args.command == "estimate":
+        print(estimate(args), end="")
     else:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coyo-demo-"))
         demo(workdir)

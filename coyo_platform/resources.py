@@ -161,7 +161,7 @@ class EcsCompute(ComputeResource):
 
         s3 = boto3.client("s3", region_name=self.region)
         prefix = self.pipes_prefix.strip("/")
-        return PipesECSClient(
+        return StopReasonECSClient(
             client=boto3.client("ecs", region_name=self.region),
             context_injector=PipesS3ContextInjector(
                 bucket=self.pipes_bucket, client=s3, key_prefix=f"{prefix}/"
@@ -189,6 +189,28 @@ class EcsCompute(ComputeResource):
         )
         run = self.pipes_client().run(context=context, run_task_params=params)
         return self.result(run, program)
+
+
+class StopReasonECSClient(PipesECSClient):
+    """``PipesECSClient``, saying why ECS stopped a task that did not end by itself (its spot
+    instance reclaimed, its instance drained...): dagster_aws 0.29 reports only a container's
+    runtime id and that its exit code was not 0. The step fails with ECS's stop code and reason,
+    and is retried as any failure that is not bad input. (It overrides a private method of the
+    pinned dagster_aws 0.29.27: check it when upgrading; ``test_ecs.py`` fails if it breaks.)"""
+
+    def _wait_for_completion(self, start_response, cluster=None, waiter_config=None):
+        response = super()._wait_for_completion(start_response, cluster, waiter_config)
+        for task in response["tasks"]:
+            code = task.get("stopCode")
+            unfinished = [c for c in task["containers"] if c.get("exitCode") != 0]
+            if code not in (None, "EssentialContainerExited", "TaskFailedToStart") and unfinished:
+                reason = task.get("stoppedReason", "no reason given")
+                exits = ", ".join(f"{c['name']}: {c.get('exitCode', 'none')}" for c in unfinished)
+                raise RuntimeError(
+                    f"ECS stopped task {task['taskArn']} ({code}: {reason}); "
+                    f"container exit codes: {exits}"
+                )
+        return response
 
 
 class PrefixedS3MessageReader(PipesS3MessageReader):

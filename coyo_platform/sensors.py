@@ -5,10 +5,11 @@ without labels get labeled, by whoever wrote them. What they read is ``ingest.so
 from __future__ import annotations
 
 import json
+import time
 
 import dagster as dg
 
-from coyo_platform.common.shards import downloaded_partitions, labeling_todos
+from coyo_platform.common.shards import downloaded_partitions, labeling_todos, partition_versions
 from coyo_platform.ingest.sources import list_parts
 from coyo_platform.partitions import coyo_parts
 from coyo_platform.resources import SourceResource, StorageResource
@@ -33,6 +34,11 @@ _ACTIVE = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
+
+#: How often the labeling sensor reads every partition, the finished ones included (seconds):
+#: the net under its cursor, for shards added to a finished partition by other means than the
+#: download program (an img2dataset run into the same folder, a file copied by hand).
+FULL_SWEEP_SECONDS = 3600
 
 
 @dg.sensor(
@@ -73,16 +79,31 @@ def unlabeled_shards_sensor(
     shards join the set the partition's other shards are in; a partition never labeled gets the
     defaults). The run key names the missing shards, the downloads and the labeler, so a repeat
     tick is a no-op, and shards that land later (or a part downloaded again) get a run of their
-    own. A partition with a run in progress
-    waits for the next tick. A labeling run that failed (after its retries) is not requested again
-    for the same shards, so bad input cannot loop: fix the cause, then re-execute that run or
-    materialize the partition from the UI."""
+    own. A partition with a run in progress waits for the next tick. A labeling run that failed
+    (after its retries) is not requested again for the same shards, so bad input cannot loop:
+    fix the cause, then re-execute that run or materialize the partition from the UI.
+
+    The cursor holds the partitions found finished: downloaded in full (the download program's
+    completion record) and every shard labeled. A tick lists three folders and reads only the
+    other partitions, until a finished one's completion record or current-labels pointer
+    changes (a download run removes the record when it starts; a label run rewrites the
+    pointer); every ``FULL_SWEEP_SECONDS`` a tick reads them all. Partitions written by
+    img2dataset alone have no record and are read every tick."""
     store = storage.store()
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    now = time.time()
+    sweep = now - cursor.get("swept", 0) >= FULL_SWEEP_SECONDS
+    seen = {} if sweep else cursor.get("settled", {})
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
     keys = downloaded_partitions(store)
-    for key, todo in zip(keys, labeling_todos(store, keys), strict=True):
+    versions = partition_versions(store)
+    settled = {k: seen[k] for k in keys if k in versions and seen.get(k) == versions[k]}
+    changed = [k for k in keys if k not in settled]
+    for key, todo in zip(changed, labeling_todos(store, changed), strict=True):
         if not todo.missing:
+            if key in versions:  # downloaded in full and labeled: skipped until either changes
+                settled[key] = versions[key]
             continue
         busy = context.instance.get_runs(
             filters=dg.RunsFilter(tags={"dagster/partition": key}, statuses=_ACTIVE), limit=1
@@ -101,10 +122,17 @@ def unlabeled_shards_sensor(
                 tags={"coyo/unlabeled_shards": str(len(todo.missing))},
             )
         )
+    swept = now if sweep else cursor["swept"]
+    cursor = json.dumps({"settled": settled, "swept": swept}, sort_keys=True)
     if not requests:
+        context.update_cursor(cursor)
         detail = f"; waiting on runs in progress: {', '.join(waiting)}" if waiting else ""
-        return dg.SkipReason(f"every finished shard in {store.root} is labeled{detail}")
+        return dg.SkipReason(
+            f"every finished shard in {store.root} is labeled ({len(changed)} partitions read, "
+            f"{len(keys) - len(changed)} finished ones skipped){detail}"
+        )
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[coyo_parts.build_add_request(unknown)] if unknown else [],
+        cursor=cursor,
     )

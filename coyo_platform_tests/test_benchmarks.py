@@ -136,21 +136,90 @@ def test_download_soak_prints_its_figures_and_loses_nothing():
 
 def test_scale_benchmark_times_each_sensor_tick_and_counts_s3_requests(tmp_path: Path):
     """``benchmarks/scale.py --quick``: both sensors' ticks on a folder and on moto's S3 at 2
-    and 4 partitions; on S3 every request is counted, and a tick with nothing new reads each
-    partition with a few requests (its pointers and two listings), not a listing per file."""
+    and 4 partitions; on S3 every request is counted: a first tick reads each partition with a
+    few requests (its pointers and two listings), not a listing per file, and a tick with
+    nothing new, its cursor holding every partition finished, lists three folders, whatever
+    the number of partitions."""
     out = tmp_path / "scale.json"
     stdout = _benchmark("scale.py", "--quick", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     cases = {(r["store"], r["parts"], r["sensor"], r["case"]) for r in rows}
     for store in ("folder", "s3 (moto)"):
         for parts in (2, 4):
-            for case in ("nothing new", "one new shard", "one new part"):
+            for case in ("first tick (no cursor)", "nothing new", "one new shard", "one new part"):
                 assert (store, parts, "unlabeled_shards_sensor", case) in cases
             assert (store, parts, "coyo_parts_sensor", "one new part") in cases
-    s3 = {(r["parts"], r["case"]): r for r in rows if r["store"] != "folder"}
+    s3 = {
+        (r["parts"], r["case"]): r
+        for r in rows
+        if r["store"] != "folder" and r["sensor"] == "unlabeled_shards_sensor"
+    }
     for parts in (2, 4):
+        first = s3[(parts, "first tick (no cursor)")]
+        assert first["run_requests"] == 0
+        assert 0 < first["requests"] <= 4 + 5 * parts, first  # 3 folders, a label set, 5 a part
         idle = s3[(parts, "nothing new")]
-        assert idle["run_requests"] == 0
-        assert 0 < idle["requests"] <= 2 + 5 * parts, idle  # the root, a label set, 5 a part
+        assert (idle["run_requests"], idle["by_kind"]) == (0, {"LIST": 3}), idle
         assert s3[(parts, "one new shard")]["run_requests"] == 1
     assert any(line.startswith("target: unlabeled_shards_sensor") for line in stdout.splitlines())
+    # with everything materialized, automation requests nothing, on a first tick or a next one,
+    # and the partitions pages show every partition materialized
+    instance = json.loads(out.read_text())["instance"]
+    for parts in (2, 4):
+        ticks = [r for r in instance if r["parts"] == parts and "run_requests" in r]
+        assert [(r["case"], r["run_requests"]) for r in ticks] == [
+            ("first tick (no cursor)", 0),
+            ("next tick", 0),
+        ]
+        pages = {r["case"]: r for r in instance if r["parts"] == parts and "run_requests" not in r}
+        assert sorted(pages) == ["coyo_labeled_300m", "labeled_shards"]
+        assert all(r["partitions_materialized"] == parts for r in pages.values())
+    coverage = json.loads(out.read_text())["coverage"]
+    assert [r["store"] for r in coverage] == ["folder", "s3 (moto)"]
+    assert coverage[1]["requests"] > 0
+
+
+def test_scale_stages_benchmark_times_the_rollup_and_the_plan_at_each_size(tmp_path: Path):
+    """``benchmarks/scale_stages.py --quick``: the roll-up and three plans at 2 and 4 partitions
+    (and at twice the rows at 2), each in its own process with its seconds and peak memory; every
+    plan agrees with the rules computed independently over every index, dedup finds duplicates
+    across partitions, and a target size is met as closely as any threshold allows."""
+    out = tmp_path / "stages.json"
+    stdout = _benchmark("scale_stages.py", "--quick", "--json", str(out))
+    figures = json.loads(out.read_text())
+    rows = figures["rows_per_partition"]
+    assert figures["machine"] and figures["parts"] == [2, 4] and rows == 500
+    steps = {(r["step"], r["parts"], r["rows_per_partition"]): r for r in figures["steps"]}
+    plans = ("plan_threshold", "plan_target_dedup", "plan_rows_cap")
+    sizes = [(2, rows), (4, rows), (2, 2 * rows)]
+    for step in ("rollup", "rollup_full_json", *plans):
+        for parts, per in sizes if step != "rollup_full_json" else sizes[:2]:
+            r = steps[(step, parts, per)]
+            assert r["partitions"] == parts and r["rows"] == parts * per, r
+            assert r["seconds"] > 0 and r["peak_mb"] > 0 and r["peak_mb"] >= r["before_mb"], r
+            failed = {k: v for k, v in r["checks"].items() if k != "target_gap" and v is not True}
+            assert not failed, (step, parts, per, r["checks"])
+        assert "4/2" in figures["growth"][step]
+    for parts, per in sizes:
+        labeled = steps[("rollup", parts, per)]["images"]
+        assert 0.9 * parts * per < labeled < parts * per  # ~3% of rows failed
+        for step in plans:
+            r = steps[(step, parts, per)]
+            assert r["images_labeled"] == labeled and 0 < r["kept_rows"] <= r["images_eligible"]
+        fixed = steps[("plan_threshold", parts, per)]
+        assert fixed["threshold"] == 0.22 and fixed["images_eligible"] == labeled
+        for step, share in (("plan_target_dedup", 0.4), ("plan_rows_cap", 0.3)):
+            r = steps[(step, parts, per)]
+            assert r["target_rows"] == round(share * labeled), r
+            assert abs(r["kept_rows"] - r["target_rows"]) <= max(1, r["target_rows"] // 200), r
+            assert r["duplicates_dropped"] > 0 and r["duplicate_files"] >= 1, r
+            assert r["images_eligible"] <= labeled - r["duplicates_dropped"], r
+        assert steps[("plan_rows_cap", parts, per)]["classes_capped"] > 0
+    assert steps[("plan_target_dedup", 4, rows)]["cross_partition_duplicates"] > 0
+    for step in plans:
+        assert figures["extrapolated"][step]["seconds_747m"] > 0
+        assert figures["flat"][step]["peak"] > 0
+    assert figures["target"]["limit"] == 1.25 and isinstance(figures["target"]["met"], bool)
+    assert "scaled down: 500 rows a partition instead of 5.84M" in stdout
+    assert "target: plan peak memory flat in rows (within 1.25x when rows double): " in stdout
+    assert any(ln.startswith("# load average after: ") for ln in stdout.splitlines())

@@ -7,17 +7,23 @@ validated and serialized by botocore exactly as for AWS (its service model rejec
 ``run_task``), then ``run_task`` starts the task's container the way ECS would: as a process
 running the task definition's entrypoint from ``infra/coyo-platform.yaml`` plus the override's
 command, with the task definition's and the override's environment. Only ``python`` is this
-interpreter rather than the image's."""
+interpreter rather than the image's. A task can be stopped from outside as ECS stops one whose
+spot instance is reclaimed (``LoopbackEcs.reclaim_spot_instance``)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -53,8 +59,19 @@ class _Body:
         yield self.data
 
 
+#: How ECS reports a task it stopped itself: its essential container ended on its own, or its spot
+#: instance was reclaimed (the container is sent SIGTERM, then SIGKILL after its stop timeout).
+EXITED = {
+    "stopCode": "EssentialContainerExited",
+    "stoppedReason": "Essential container in task exited",
+}
+SPOT = {"stopCode": "SpotInterruption", "stoppedReason": "Your Spot Task was interrupted."}
+STOP_TIMEOUT = 30  # seconds, ECS's default stopTimeout (the stack's task definitions set none)
+
+
 class LoopbackEcs:
-    """ECS's API for the stack's task definitions, with tasks run as local processes."""
+    """ECS's API for the stack's task definitions, with tasks run as local processes (each in
+    its own process group, as a container: a stop signals every process in it)."""
 
     def __init__(self) -> None:
         resources = template()["Resources"]
@@ -69,7 +86,60 @@ class LoopbackEcs:
         self.tasks: dict[str, dict] = {}
         self.stopped: list[dict] = []
         self.interrupt_while_running = False  # as if the Dagster run were terminated meanwhile
+        self._reclaim: tuple[Callable[[], bool], Callable[[], None]] | None = None
         self.model = botocore.session.get_session().get_service_model("ecs")
+
+    def reclaim_spot_instance(
+        self, when: Callable[[], bool], then: Callable[[], None] = lambda: None
+    ) -> None:
+        """The next task's spot instance is reclaimed as soon as ``when()`` holds while the task
+        runs (checked every 0.05 s): its container gets SIGTERM, then SIGKILL after
+        ``STOP_TIMEOUT``, and the task stops with ECS's spot stop code and reason; ``then()``
+        is called once its processes are gone. Later tasks run undisturbed."""
+        self._reclaim = (when, then)
+
+    def _run_container(self, command: list[str], env: dict) -> tuple[int, str, dict]:
+        """Run the container's process to its end (or its reclaim): its exit code as Docker
+        reports one (128 + the signal that killed it), its stderr, and the task's stop."""
+        reclaim, self._reclaim = self._reclaim, None
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+            )
+            stop = EXITED
+            try:
+                if reclaim is None:
+                    proc.wait()
+                else:
+                    when, then = reclaim
+                    while proc.poll() is None and not when():
+                        time.sleep(0.05)
+                    if proc.poll() is None:
+                        self._stop_container(proc)
+                        stop = SPOT
+                        then()
+            except BaseException:  # a failing check: no container left running behind the test
+                self._stop_container(proc)
+                raise
+            stderr.seek(0)
+            text = stderr.read().decode(errors="replace")
+        code = proc.returncode
+        return (128 - code if code < 0 else code), text, stop
+
+    @staticmethod
+    def _stop_container(proc: subprocess.Popen) -> None:
+        """As ECS stops a container: SIGTERM, SIGKILL after the stop timeout; then nothing of it
+        runs any more (its loader processes included)."""
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group ended at SIGTERM
+            pass
+        proc.wait()
 
     def __call__(self, request, **_) -> AWSResponse:
         operation = request.headers["X-Amz-Target"].decode().split(".")[-1]
@@ -120,25 +190,33 @@ class LoopbackEcs:
         command = [*entry_point, *override["command"]]
         if self.interrupt_while_running:
             command = [sys.executable, "-c", "pass"]  # the task is 'running' when Dagster stops
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        exit_code, stderr, stop = self._run_container(command, env)
         cluster = params["cluster"]
         arn = f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/{cluster}/{uuid.uuid4().hex}"
+        family = params["taskDefinition"]
         self.tasks[arn] = {
             "taskArn": arn,
             "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{cluster}",
+            "taskDefinitionArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:task-definition/{family}:1",
             "lastStatus": "STOPPED",
-            "stopCode": "EssentialContainerExited",
+            "desiredStatus": "STOPPED",
+            **stop,
             "containers": [
-                {"name": definition["name"], "exitCode": done.returncode, "runtimeId": arn[-12:]}
+                {
+                    "name": definition["name"],
+                    "lastStatus": "STOPPED",
+                    "exitCode": exit_code,
+                    "runtimeId": arn[-12:],
+                }
             ],
-            "_stderr": done.stderr,
+            "_stderr": stderr,
         }
         started = {
-            **self.tasks[arn],
+            **{k: v for k, v in self.tasks[arn].items() if k not in ("_stderr", *stop)},
             "lastStatus": "PENDING",
+            "desiredStatus": "RUNNING",
             "containers": [{"name": definition["name"]}],
         }
-        started.pop("_stderr")
         return {"tasks": [started], "failures": []}
 
     def DescribeTasks(self, params: dict) -> dict:  # noqa: N802
@@ -263,15 +341,15 @@ def test_pipeline_runs_its_programs_as_ecs_tasks_over_s3(site, source: Path, s3_
     ]
 
 
-def _label_run(site, instance, resources):
+def _label_run(site, instance, resources, **settings):
+    labels = fast_run_config(site.checkpoint)["ops"]["labeled_shards"]
+    labels["config"].update(settings)
     return dg.materialize(
         [PIPELINE[2]],
         partition_key=PART,
         instance=instance,
         resources=resources,
-        run_config={
-            "ops": {"labeled_shards": fast_run_config(site.checkpoint)["ops"]["labeled_shards"]}
-        },
+        run_config={"ops": {"labeled_shards": labels}},
         raise_on_error=False,
     )
 
@@ -299,6 +377,111 @@ def test_a_failing_task_is_retried_then_fails_the_asset_saying_why(site, source,
     assert "1 shard(s) could not be read" in error.message and "00000.tar" in error.message
     for task in ecs.tasks.values():
         assert task["containers"][0]["exitCode"] == 1
+
+
+SPOT_SHARD_SIZE = 5  # the part's 45 rows in 9 shards: room to stop a label task between two
+
+
+def _labeled_versions(bucket: str) -> dict[str, list[tuple[str, str, str]]]:
+    """Every write of each of the partition's labeled-shard parquets (any labeler) on S3, by
+    key: (version id, ETag, last modified) each, on a bucket with versioning."""
+    pattern = re.compile(rf"^coyo/labeled_shards/[^/]+/{PART}/\d{{5}}\.parquet$")
+    pages = boto3.client("s3").get_paginator("list_object_versions")
+    found: dict[str, list[tuple[str, str, str]]] = {}
+    for page in pages.paginate(Bucket=bucket, Prefix="coyo/labeled_shards/"):
+        for v in page.get("Versions", []):
+            if pattern.match(v["Key"]):
+                stamp = (v["VersionId"], v["ETag"], v["LastModified"].isoformat())
+                found.setdefault(v["Key"], []).append(stamp)
+    return found
+
+
+def test_a_spot_reclaimed_label_task_is_retried_and_resumes_at_its_finished_shards(
+    site, source, s3_bucket, ecs
+):
+    """The partition is downloaded (through ECS) into 9 shards. The first label task's spot
+    instance is reclaimed once a shard's labels are on S3: ECS stops the task (SIGTERM to its
+    container) with its spot stop code and reason. The step is retried in a second task, which
+    labels only the shards the first did not finish, keeping the first's files as they were;
+    every downloaded image is labeled once, and Dagster's log says why the first task stopped."""
+    s3 = boto3.client("s3")
+    # every write of an object stays listed: a shard labeled twice would have two versions
+    s3.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    resources = _ecs_resources(source, s3_bucket)
+    download_config = fast_run_config(site.checkpoint)["ops"]["downloaded_shards"]
+    download_config["config"]["number_sample_per_shard"] = SPOT_SHARD_SIZE
+    first_task_wrote: dict[str, list[tuple[str, str, str]]] = {}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("coyo_parts", [PART])
+        downloaded = dg.materialize(
+            PIPELINE[:2],
+            partition_key=PART,
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"downloaded_shards": download_config}},
+            raise_on_error=False,
+        )
+        assert downloaded.success, "\n".join(t["_stderr"][-2000:] for t in ecs.tasks.values())
+        tars = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"coyo/downloaded_shards/{PART}/")
+        shards = sorted(o["Key"] for o in tars["Contents"] if o["Key"].endswith(".tar"))
+        assert len(shards) == 9, shards
+
+        ecs.reclaim_spot_instance(
+            when=lambda: bool(_labeled_versions(s3_bucket)),  # a first shard's labels are written
+            then=lambda: first_task_wrote.update(_labeled_versions(s3_bucket)),
+        )
+        # every shard padded to a batch of 64 (a setting of the label program): each shard is
+        # then a whole batch's work, so a reclaim seen from outside lands between two shards
+        result = _label_run(site, instance, resources, batch_size=64)
+        events = instance.all_logs(result.run_id)
+    assert result.success, "\n".join(t["_stderr"][-3000:] for t in ecs.tasks.values())
+
+    # one download task, then two label tasks: the reclaimed one and its retry
+    download_task, first, second = ecs.tasks.values()
+    assert download_task["taskDefinitionArn"].endswith("/coyo-download:1")
+    for task in (first, second):
+        assert task["taskDefinitionArn"].endswith("/coyo-label:1")
+    assert (first["stopCode"], first["stoppedReason"]) == (SPOT["stopCode"], SPOT["stoppedReason"])
+    [first_container] = first["containers"]
+    assert first_container["exitCode"] in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+    assert second["stopCode"] == "EssentialContainerExited"
+    assert second["containers"][0]["exitCode"] == 0
+    done_by_first = len(first_task_wrote)
+    assert 0 < done_by_first < len(shards), (
+        f"the first task was to be stopped mid-partition; it had written {done_by_first} of "
+        f"{len(shards)} shards' labels"
+    )
+
+    # the retry labeled only the other shards: the first task's files are the same objects
+    # (one write each, untouched), and every shard was written exactly once
+    written = _labeled_versions(s3_bucket)
+    assert len(written) == len(shards)
+    assert {k: v for k, v in written.items() if k in first_task_wrote} == first_task_wrote
+    assert all(len(versions) == 1 for versions in written.values()), written
+    [labels] = result.asset_materializations_for_node("labeled_shards")
+    assert labels.metadata["shards_skipped"].value == done_by_first
+    assert labels.metadata["shards_labeled"].value == len(shards) - done_by_first
+
+    # every downloaded image labeled once
+    [download] = downloaded.asset_materializations_for_node("downloaded_shards")
+    succeeded = (
+        pl.scan_parquet(f"s3://{s3_bucket}/coyo/downloaded_shards/{PART}/*.parquet")
+        .filter(pl.col("status") == "success")
+        .select("id")
+        .collect()
+    )
+    assert succeeded.height == download.metadata["succeeded"].value > 0
+    rows = pl.scan_parquet(f"{labels.metadata['path'].value}/*.parquet").select("id").collect()
+    assert rows.height == succeeded.height == rows["id"].n_unique()
+    assert sorted(rows["id"].to_list()) == sorted(succeeded["id"].to_list())
+
+    # what a user sees in the run's log: the first attempt failed because ECS stopped its task
+    # for a spot interruption, and the step was retried
+    retries = [e for e in events if e.dagster_event and e.dagster_event.is_step_up_for_retry]
+    assert len(retries) == 1
+    said = retries[0].dagster_event.event_specific_data.error.to_string()  # with its causes
+    assert "SpotInterruption" in said and SPOT["stoppedReason"] in said, said
+    assert str(first_container["exitCode"]) in said, said
 
 
 def test_labeling_a_partition_never_downloaded_fails_at_once_without_a_task(

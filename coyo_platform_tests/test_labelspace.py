@@ -27,3 +27,26 @@ def test_mapping_agrees_with_timm_class_info():
     index = labelspace.goog_to_fall11()
     for i in (0, 8087, 11054, 21_840):
         assert fall11.index_to_label_name(i) == goog.index_to_label_name(int(index[i]))
+
+
+def test_class_names_come_without_importing_torch():
+    """The stats assets name classes in processes that never label: reading timm's label files
+    must not import timm (which imports torch, 850 MB), and gives timm's own names."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from coyo_platform.common import labelspace\n"
+        "names = labelspace.class_names()\n"
+        "print(len(names), names[11054], 'timm' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["21841", "table", "lamp", "False", "False"]
+
+    from timm.data import ImageNetInfo
+
+    timm_names = ImageNetInfo("imagenet-22k")
+    for i in (0, 8087, 11054, 21_840):
+        assert labelspace.class_names()[i] == timm_names.index_to_description(i).split(",")[0]

@@ -4,6 +4,8 @@ schema. Both tests read the session's one pipeline run (``conftest.pipeline_run`
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
@@ -65,6 +67,9 @@ def test_one_partition_end_to_end(pipeline_run: PipelineRun, site):
     assert download["drifted"] == 0 and download["drift_rate"] == 0.0
     assert download["phash_compared"] >= photos
     assert download["bytes_written"] > 0
+    # and the record that tells the labeling sensor the partition is downloaded in full
+    complete = root / "downloaded_shards" / "_complete" / f"{PART}.json"
+    assert json.loads(complete.read_text()) == {"shards": download["shards"], "revisions": {}}
 
     # labels: every downloaded image labeled, nothing failed
     labels = _metadata(result, "labeled_shards")

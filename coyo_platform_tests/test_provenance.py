@@ -209,10 +209,13 @@ def test_changed_source_part_is_refused_by_name_then_started_over(cli_run, tmp_p
     assert verbose.returncode == 1
     assert 'provenance.py", line' in verbose.stderr  # the stack, where the mismatch was raised
 
+    complete = copy.root / "downloaded_shards" / "_complete"
+    assert sorted(p.name for p in complete.iterdir()) == ["part-00000.json", "part-00001.json"]
     cleared = copy.coyo(*command.split()[1:])
     assert cleared.returncode == 0, cleared.stderr
     assert not (copy.root / "downloaded_shards" / "part-00000").exists()
     assert (copy.root / "downloaded_shards" / "part-00001").exists()
+    assert [p.name for p in complete.iterdir()] == ["part-00001.json"]  # the sensor reads it again
     rerun = copy.cli(source=source)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     subset = pl.read_parquet(copy.root / "coyo_labeled_300m" / "part-00000.parquet")

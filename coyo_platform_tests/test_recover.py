@@ -298,7 +298,8 @@ def test_the_ui_job_recovers_with_the_partitions_own_settings_and_the_sensor_lab
     ``coyo_retry_failed`` job, launched with its own config (retry_failed, and the default
     10,000 rows a shard), recovers with the partition's recorded settings instead of refusing
     them; the download's data version changes, and the labeling sensor asks for the one shard
-    whose labels lack images, with the partition's label settings."""
+    whose labels lack images, with the partition's label settings, though its cursor had the
+    partition as finished."""
     import dagster as dg
 
     from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
@@ -325,6 +326,10 @@ def test_the_ui_job_recovers_with_the_partitions_own_settings_and_the_sensor_lab
         )
         [made] = first.asset_materializations_for_node("downloaded_shards")
         assert made.metadata["transient_failures"].value == 2
+        storage = StorageResource(root=str(root))
+        tick = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+        assert isinstance(unlabeled_shards_sensor(tick), dg.SkipReason)
+        assert KEY in json.loads(tick.cursor)["settled"]  # finished: skipped from now on
 
         server.down = False
         job = dg.Definitions(assets=assets, jobs=[coyo_retry_failed], resources=resources)
@@ -339,8 +344,9 @@ def test_the_ui_job_recovers_with_the_partitions_own_settings_and_the_sensor_lab
         assert (done.metadata["recovered"].value, done.metadata["succeeded"].value) == (2, 11)
         assert done.tags["dagster/data_version"] != made.tags["dagster/data_version"]
 
-        storage = StorageResource(root=str(root))
-        tick = dg.build_sensor_context(instance=instance, resources={"storage": storage})
+        tick = dg.build_sensor_context(
+            instance=instance, resources={"storage": storage}, cursor=tick.cursor
+        )
         ticked = unlabeled_shards_sensor(tick)
         [request] = ticked.run_requests
         assert request.partition_key == KEY

@@ -276,6 +276,83 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
         assert max(tops.count(c) for c in set(tops)) <= sampling.class_cap
 
 
+def _reference_cutoffs(frames: list[pl.DataFrame], cap: int) -> pl.DataFrame:
+    """The class cap's rule in one sort over every row: per class over ``cap``, its cap-th
+    image in (top1 descending, id ascending)."""
+    schema = {"top1_class": pl.Int32, "cut_top1": pl.Float32, "cut_id": pl.Int64}
+    rows = pl.concat(frames) if frames else pl.DataFrame(schema={**schema, "top1": pl.Float32})
+    if not rows.height:
+        return pl.DataFrame(schema=schema)
+    ranked = rows.sort(["top1", "id"], descending=[True, False]).with_columns(
+        rank=pl.int_range(pl.len()).over("top1_class")
+    )
+    return (
+        ranked.filter(pl.col("rank") == cap - 1)
+        .join(ranked.filter(pl.col("rank") == cap).select("top1_class"), on="top1_class")
+        .select("top1_class", cut_top1="top1", cut_id="id")
+        .cast(schema)
+        .sort("top1_class")
+    )
+
+
+def _random_indexes(seed: int, parts: int) -> list[pl.DataFrame]:
+    rng = np.random.default_rng(seed)
+    ties = np.array([0.0, 0.1, BELOW_07, 0.7, 0.9999999, 1.0, *rng.random(3)], dtype=np.float32)
+    ids = rng.permutation(parts * 400) + 1_000  # ids not in row order
+    frames = []
+    for p in range(parts):
+        n = int(rng.integers(0, 400))  # some partitions empty
+        frames.append(
+            pl.DataFrame(
+                {
+                    "id": ids[p * 400 : p * 400 + n].astype(np.int64),
+                    "phash": rng.integers(2**63, size=n).astype(np.uint64),
+                    "top1": rng.choice(ties, n),  # few values: ties across ids everywhere
+                    "top1_class": rng.choice([0, 3, 7, 500, 21_840], n).astype(np.int32),
+                }
+            )
+        )
+    return frames
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5, 60, 10_000])
+@pytest.mark.parametrize("bins,cap_rows", [(512, None), (8, 3), (1, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_cutoffs_equal_one_sort_over_every_row(seed, cap, bins, cap_rows, monkeypatch):
+    # few bins and a tiny cap_rows: boundary bins with many rows, one pass 2 group per class
+    monkeypatch.setattr(rules, "CAP_BINS", bins)
+    frames = _random_indexes(seed, parts=5)
+    indexes = [(str(i), f.lazy()) for i, f in enumerate(frames)]
+    got = rules.class_cutoffs(indexes, cap, cap_rows)
+    want = _reference_cutoffs(frames, cap)
+    assert got.schema == want.schema
+    assert got.equals(want)
+    if cap <= 5:
+        assert want.height >= 4  # the caps bite
+    if cap == 60:  # a class with exactly its cap images is not capped
+        exact = pl.concat(frames).filter(pl.col("top1_class") == 7).head(cap)
+        assert exact.height == cap
+        assert rules.class_cutoffs([("x", exact.lazy())], cap, cap_rows).height == 0
+        assert _reference_cutoffs([exact], cap).height == 0
+    # the cut keeps exactly min(cap, class size) images: one image off is a failure
+    rows = pl.concat(frames)
+    kept = rules.apply_caps(rows.lazy(), got).collect()["top1_class"].value_counts()
+    sizes = rows["top1_class"].value_counts()
+    assert kept.height == sizes.height
+    for (c, n), (c2, total) in zip(
+        kept.sort("top1_class").rows(), sizes.sort("top1_class").rows(), strict=True
+    ):
+        assert c == c2 and n == min(total, cap)
+
+
+def test_class_cutoffs_of_nothing():
+    schema = {"top1_class": pl.Int32, "cut_top1": pl.Float32, "cut_id": pl.Int64}
+    assert rules.class_cutoffs([], 3).equals(pl.DataFrame(schema=schema))
+    empty = pl.from_arrow(INDEX_SCHEMA.empty_table())
+    got = rules.class_cutoffs([("0", empty.lazy()), ("1", empty.lazy())], 1)
+    assert got.equals(pl.DataFrame(schema=schema)) and got.schema == pl.Schema(schema)
+
+
 def test_plan_refuses_contradictory_or_out_of_range_settings():
     with pytest.raises(ValueError, match="one of threshold, target_rows, target_fraction"):
         rules.Sampling(threshold=0.3, target_rows=10)

@@ -11,11 +11,13 @@ import polars as pl
 import pytest
 
 from coyo_platform.assets.subset_plan import subset_plan
+from coyo_platform.common import layout, shards
 from coyo_platform.common.shards import label_files
 from coyo_platform.common.storage import Storage
 from coyo_platform.definitions import CHECKS, PIPELINE, ROLLUPS, local_resources
 from coyo_platform.resources import SourceResource, StorageResource
 from coyo_platform.sensors import (
+    FULL_SWEEP_SECONDS,
     coyo_ingest,
     coyo_label,
     coyo_parts_sensor,
@@ -149,6 +151,57 @@ def test_labels_repeat_tick_is_a_no_op(tmp_path: Path, instance, photo):
     waiting, _ = _tick(unlabeled_shards_sensor, instance, storage=storage)
     assert isinstance(waiting, dg.SkipReason)
     assert "waiting on runs in progress: part-00000" in waiting.skip_message
+
+
+def _downloaded(root: Path, part: str) -> None:
+    """The download program's record that it finished the partition."""
+    store = Storage(str(root))
+    shards.mark_downloaded(store, layout.shards(store, part), {"shards": 1})
+
+
+def test_labels_a_finished_partition_is_skipped_until_a_run_changes_it(
+    tmp_path: Path, instance, photo
+):
+    """The cursor keeps a partition downloaded in full and labeled out of later ticks' reads; a
+    download run starting on it, or a label run finishing it, brings it back; shards copied in
+    by other means are found by the hourly full sweep."""
+    instance.add_dynamic_partitions("coyo_parts", ["part-00000", "part-00001"])
+    for part in ("part-00000", "part-00001"):
+        _shard(tmp_path, part, "00000", photo)
+        _labels(tmp_path, part, "00000")
+    _downloaded(tmp_path, "part-00000")  # part-00001: img2dataset's alone, no record
+    storage = StorageResource(root=str(tmp_path))
+    first, tick = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    assert "(2 partitions read, 0 finished ones skipped)" in first.skip_message
+    assert list(json.loads(tick.cursor)["settled"]) == ["part-00000"]
+    again, tick = _tick(unlabeled_shards_sensor, instance, tick.cursor, storage=storage)
+    assert "(1 partitions read, 1 finished ones skipped)" in again.skip_message
+
+    # a download run (retry_failed, say) starts on the finished partition and finishes a shard
+    store = Storage(str(tmp_path))
+    shards.mark_downloading(store, layout.shards(store, "part-00000"))
+    _shard(tmp_path, "part-00000", "00001", photo)
+    during, _ = _tick(unlabeled_shards_sensor, instance, tick.cursor, storage=storage)
+    [request] = during.run_requests
+    assert (request.partition_key, request.tags["coyo/unlabeled_shards"]) == ("part-00000", "1")
+    assert json.loads(during.cursor)["settled"] == {}
+
+    _labels(tmp_path, "part-00000", "00001")  # the label run (its pointer written again)
+    _downloaded(tmp_path, "part-00000")  # and the download run's end
+    after, tick = _tick(unlabeled_shards_sensor, instance, during.cursor, storage=storage)
+    assert "(2 partitions read, 0 finished ones skipped)" in after.skip_message
+    assert list(json.loads(tick.cursor)["settled"]) == ["part-00000"]  # finished again
+
+    # a shard copied into the finished partition by hand: the cursor does not see it...
+    _shard(tmp_path, "part-00000", "00002", photo)
+    missed, tick = _tick(unlabeled_shards_sensor, instance, tick.cursor, storage=storage)
+    assert "(1 partitions read, 1 finished ones skipped)" in missed.skip_message
+    # ...until the full sweep, an hour after the last one
+    stale = json.loads(tick.cursor)
+    stale["swept"] -= FULL_SWEEP_SECONDS
+    swept, tick = _tick(unlabeled_shards_sensor, instance, json.dumps(stale), storage=storage)
+    assert [r.partition_key for r in swept.run_requests] == ["part-00000"]
+    assert swept.run_requests[0].tags["coyo/unlabeled_shards"] == "1"
 
 
 # ---------------------------------------------------------------- daemon-free, end to end

@@ -40,8 +40,13 @@ REFRESH_ROLLUP = dg.AutomationCondition.eager().without(~dg.AutomationCondition.
 
 #: Backfills run each partition on its own (downloads and labeling are hours each at full size;
 #: stats and subset carry per-partition metadata); one policy for all, so that jobs mixing the
-#: assets stay one run per partition.
-ONE_PARTITION_PER_RUN = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+#: assets stay one run per partition. That is Dagster's own single-partition behavior (no
+#: ``BackfillPolicy``): each run is tagged ``dagster/partition`` like a run launched by hand or by
+#: a sensor, so the one-run-per-partition limit (infra/dagster.yaml) and the sensors' check for a
+#: partition's runs in progress see backfill runs too. ``BackfillPolicy.multi_run(1)`` makes the
+#: same runs but tags them with a partition range only (``dagster/asset_partition_range_start``
+#: and ``_end``, Dagster 1.13), which neither sees (coyo_platform_tests/test_backfill.py).
+ONE_PARTITION_PER_RUN = None
 
 #: The base delay of :func:`transient_retries`, in seconds (the test suite sets it to 0).
 RETRY_DELAY_VARIABLE = "COYO_RETRY_DELAY_SECONDS"

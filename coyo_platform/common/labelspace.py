@@ -7,25 +7,36 @@ gives the position, among the 21,843 outputs, of fall11 class ``i``. Outputs 920
 icon") and 15027 ("bleacher") have no fall11 class and are dropped. So: select those 21,841
 outputs in fall11 order, then take the top 50.
 
-Imports only numpy and timm's data files (no torch, no dagster), so the stats assets can name
-classes cheaply.
+Imports only numpy and reads timm's data files without importing timm (which imports torch:
+8 s and 850 MB in every stats process, found by ``benchmarks/scale_stages.py``), and no dagster,
+so the stats assets can name classes cheaply.
 """
 
 from __future__ import annotations
 
 import functools
-from importlib import resources
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 
 NUM_MODEL_OUTPUTS = 21_843
 NUM_CLASSES = 21_841
-_INFO = "timm.data._info"
+
+
+@functools.cache
+def _timm_info() -> Path:
+    """timm's ``data/_info`` folder, found without importing timm (its ``__init__`` imports
+    torch)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("timm is not installed: its label files name the classes")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "_info"
 
 
 def timm_info_lines(name: str) -> list[str]:
     """The non-blank lines of one of timm's bundled label files (``timm.data._info``)."""
-    text = resources.files(_INFO).joinpath(name).read_text()
+    text = (_timm_info() / name).read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

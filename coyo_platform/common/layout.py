@@ -6,6 +6,7 @@ its asset::
     <root>/downloaded_shards/<part>/_fingerprint.json                  (source part, settings)
     <root>/downloaded_shards/<part>/_revisions.json      (shards rewritten by retry_failed)
     <root>/downloaded_shards/<part>/NNNNN_rewrite.json   (a rewrite in progress, or cut short)
+    <root>/downloaded_shards/_complete/<part>.json  (the download program finished the part)
     <root>/labeled_shards/<labeler id>/<part>/NNNNN.parquet, <root>/labeled_shards/<labeler id>/
         _labeler.json, <root>/labeled_shards/_current/<part>.json        (one set per labeler)
     <root>/labeled_shards/<labeler id>/<part>/_revisions.json   (the revision each was labeled at)
@@ -41,6 +42,7 @@ AGREEMENT = "label_agreement"
 FINGERPRINT = "_fingerprint.json"  # a downloaded-shards folder's (download/fingerprint.py)
 LABELER_FILE = "_labeler.json"
 CURRENT = "_current"
+COMPLETE = "_complete"  # downloaded_shards/_complete/<part>.json: every shard of the part done
 REVISIONS = "_revisions.json"  # shards rewritten by retry_failed: {shard: revision}
 REWRITE = "_rewrite.json"  # NNNNN_rewrite.json: a shard's rewrite in progress (or cut short)
 STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
@@ -96,6 +98,17 @@ def labelers(store: Storage) -> list[str]:
 def download_record(folder: str) -> str:
     """A downloaded-shards folder's fingerprint (``download/fingerprint.py``)."""
     return f"{folder.rstrip('/')}/{FINGERPRINT}"
+
+
+def download_complete(folder: str) -> str | None:
+    """The record that the download program finished a downloaded-shards folder of this layout
+    (``<root>/downloaded_shards/<part>``): ``<root>/downloaded_shards/_complete/<part>.json``,
+    one folder for every partition, so that a sensor tick lists them all at once. None for a
+    folder outside the layout (the program run by hand into any folder)."""
+    parent, _, key = folder.rstrip("/").rpartition("/")
+    if parent.rsplit("/", 1)[-1] != DOWNLOADS:
+        return None
+    return f"{parent}/{COMPLETE}/{key}.json"
 
 
 def revisions(folder: str) -> str:

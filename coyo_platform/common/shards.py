@@ -201,6 +201,48 @@ def labeling_todos(store: Storage, keys: list[str]) -> list[LabelingTodo]:
         return list(pool.map(todo, keys))
 
 
+def mark_downloading(store: Storage, folder: str) -> None:
+    """A download is about to change the folder's shards: its completion record goes first, so
+    that nothing takes the partition for finished meanwhile."""
+    record = layout.download_complete(folder)
+    if record is not None:
+        store.remove(record)
+
+
+def mark_downloaded(store: Storage, folder: str, record: dict) -> None:
+    """Every shard of the folder is finished (``record``: what the partition holds); written
+    only when it says something new, so that a rerun with nothing to do changes nothing."""
+    url = layout.download_complete(folder)
+    if url is not None and store.read_json_if_exists(url) != record:
+        store.write_json(url, record)
+
+
+def _versions(store: Storage, folder: str) -> dict[str, str]:
+    """``{key: version}`` of the ``<key>.json`` records in a folder, from one listing: size,
+    modification time, inode or ETag, whichever the filesystem gives, so that any rewrite of a
+    record (a rename on disk, an upload on S3) changes its version."""
+    try:
+        entries = store.fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e["type"] == "file" and name.endswith(".json"):
+            parts = (e.get(f) for f in ("size", "mtime", "ino", "LastModified", "ETag"))
+            found[name.removesuffix(".json")] = ":".join(str(p) for p in parts if p is not None)
+    return found
+
+
+def partition_versions(store: Storage) -> dict[str, list[str]]:
+    """For each partition the download program finished, the versions of its completion record
+    and of its current-labels pointer (``""``: never labeled), in two listings for all
+    partitions. The sensor skips a partition whose versions it already saw fully labeled."""
+    complete = _versions(store, store.url(layout.DOWNLOADS, layout.COMPLETE))
+    pointers = _versions(store, f"{layout.label_sets(store)}/{layout.CURRENT}")
+    return {key: [version, pointers.get(key, "")] for key, version in complete.items()}
+
+
 def downloaded_partitions(store: Storage) -> list[str]:
     """Partition keys that have a shard folder under the storage root (written by this platform
     or by img2dataset run elsewhere into the same layout)."""
@@ -274,7 +316,7 @@ def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
     targets: list[str] = []
     later = STAGES[STAGES.index(stage) :]
     if "downloaded_shards" in later:
-        targets.append(layout.shards(store, key))
+        targets += [layout.shards(store, key), layout.download_complete(layout.shards(store, key))]
     if "labeled_shards" in later:
         targets += [layout.labels(store, key, labeler) for labeler in layout.labelers(store)]
         targets.append(layout.current_labels(store, key))
@@ -282,4 +324,4 @@ def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
         stats = layout.stats(store, key)
         targets += [stats, layout.index(store, key), layout.chart(stats)]
     targets.append(layout.subset(store, key))
-    return [url for url in targets if store.remove(url)]
+    return [url for url in targets if url and store.remove(url)]

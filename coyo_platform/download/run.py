@@ -316,6 +316,7 @@ def download_partition(
         or settings.retry_failed
         or shards.pending_rewrites(store, output)
     ):
+        shards.mark_downloading(store, output)
         failed, recovery = run_shards(metadata_url, output, settings, on_shard)
         rows = _expected_rows(store, metadata_url, settings)
     expected = math.ceil((rows or 0) / per_shard)
@@ -342,6 +343,9 @@ def download_partition(
         )
     if summary.attempted and not summary.succeeded:
         raise provenance.BadInput(nothing_downloaded(summary))
+    shards.mark_downloaded(
+        store, output, {"shards": summary.shards, "revisions": shards.revisions(store, output)}
+    )
     return summary
 
 

@@ -24,9 +24,12 @@ data), never all rows.
 
 Deduplication reads the partitions' indexes (sorted by pHash) one pHash range at a time, sized
 to ``BUCKET_ROWS`` rows, and hands over the dropped rows (with the id each one lost to) per
-range. Class caps keep a running top-N per class, at most ``CAP_ROWS`` rows at once (classes are
-processed in groups when N is large). Both are a pass over the index (24 bytes per image), never
-over the labels. Imports no ``dagster``.
+range. Class caps take two passes whatever N: the first counts images per (class, ``CAP_BINS``
+bin of top-1), which says for each class over its cap the bin holding its N-th image and how many
+it keeps above that bin; the second reads only the rows in those boundary bins, at most about
+``CAP_ROWS`` of them at once (more passes only when the boundary bins hold more: heavy ties), and
+sorts them. Both steps read the index (24 bytes per image), never the labels. Imports no
+``dagster``.
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ CARD_KEPT_SHARE = 300 / 490
 DEFAULT_THRESHOLD = 0.22
 #: Rows read per pHash range in deduplication (24 bytes each before the sort; not benchmarked).
 BUCKET_ROWS = 8_000_000
-#: Rows held by the class-cap pass at once.
+#: Rows the class caps' second pass (the rows in each capped class's boundary bin) holds at once;
+#: when the boundary bins hold more, it takes one pass per group of classes that fit (a class
+#: alone in its group holds at most its boundary rows in one partition plus N).
 CAP_ROWS = 8_000_000
+#: Top-1 bins per class in the class caps' first pass: a NUM_CLASSES x CAP_BINS int64 count
+#: (21,841 x 512: 89 MB), the same bins (``bin_of``, in float64) in both passes.
+CAP_BINS = 512
 
 #: A partition's index, as ``(partition key, lazy frame of id/phash/top1/top1_class)``.
 Indexes = Sequence[tuple[str, pl.LazyFrame]]
@@ -221,42 +229,102 @@ def drop_duplicates(index: pl.LazyFrame, duplicates: pl.LazyFrame | None) -> pl.
     return index.join(duplicates.select("id"), on="id", how="anti", maintain_order="left")
 
 
+def _cap_bin(bins: int) -> pl.Expr:
+    """A row's class-cap bin: ``bin_of(top1, bins)``, with null and NaN (which sort first, as the
+    highest) in the top bin, so that the bin never decreases along (top1 descending)."""
+    scaled = (pl.col("top1").cast(pl.Float64) * bins).floor().clip(0, bins - 1)  # as bin_of
+    return scaled.fill_nan(bins - 1).fill_null(bins - 1).cast(pl.Int64)
+
+
+def _in_classes(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.filter(pl.col("top1_class").is_between(0, NUM_CLASSES - 1))
+
+
 def class_cutoffs(eligible: Indexes, cap: int, cap_rows: int | None = None) -> pl.DataFrame:
     """For each class with more than ``cap`` eligible images, the last image it keeps:
     ``top1_class``, ``cut_top1``, ``cut_id`` (keep ``top1 > cut_top1``, or equal and
-    ``id <= cut_id``)."""
-    groups = max(1, math.ceil(cap * NUM_CLASSES / (cap_rows or CAP_ROWS)))
-    edges = [(g * NUM_CLASSES) // groups for g in range(groups + 1)]
-    order = {"by": ["top1", "id"], "descending": [True, False]}
-    found = []
-    for g in range(groups):
-        best, counts = None, []
-        for _, lf in eligible:
-            part = lf.filter(pl.col("top1_class").is_between(edges[g], edges[g + 1] - 1))
-            top, count = pl.collect_all(
-                [
-                    part.sort(**order).group_by("top1_class", maintain_order=True).head(cap),
-                    part.group_by("top1_class").len(),
-                ]
-            )
-            counts.append(count)
-            merged = top if best is None else pl.concat([best, top])
-            best = merged.sort(**order).group_by("top1_class", maintain_order=True).head(cap)
-        if best is None:
-            break
-        over = (
-            pl.concat(counts)
-            .group_by("top1_class")
-            .agg(pl.col("len").sum())
-            .filter(pl.col("len") > cap)
-        )
-        found.append(
-            best.join(over.select("top1_class"), on="top1_class")
-            .group_by("top1_class")
-            .agg(cut_top1=pl.col("top1").last(), cut_id=pl.col("id").last())
-        )
+    ``id <= cut_id``), sorted by class.
+
+    Pass 1 counts images per (class, ``CAP_BINS`` bin of top-1) over every partition; a class
+    over ``cap`` keeps all its images in the bins above the one holding its ``cap``-th (top-1
+    descending), and the first ``need`` of that boundary bin. Pass 2 reads only the boundary
+    bins' rows, in groups of classes of at most ``cap_rows`` (``CAP_ROWS``) boundary rows (a
+    class with more is a group alone), keeps a running first ``need`` per class in the order
+    (top1 descending, id ascending) and takes the ``need``-th."""
+    bins, cap_rows = CAP_BINS, cap_rows or CAP_ROWS
     schema = {"top1_class": pl.Int32, "cut_top1": pl.Float32, "cut_id": pl.Int64}
-    return pl.concat(found).cast(schema) if found else pl.DataFrame(schema=schema)
+    cell = pl.col("top1_class").cast(pl.Int64) * bins + _cap_bin(bins)
+    counts = np.zeros(NUM_CLASSES * bins, dtype=np.int64)
+    for _, lf in eligible:  # pass 1
+        part = _in_classes(lf).group_by(cell=cell).len().collect()
+        # cells are distinct within one partition's counts: a plain fancy-index add is exact
+        counts[part["cell"].to_numpy()] += part["len"].to_numpy()
+    counts = counts.reshape(NUM_CLASSES, bins)
+    capped = np.flatnonzero(counts.sum(axis=1) > cap)
+    if not len(capped):
+        return pl.DataFrame(schema=schema)
+    below = counts[capped, ::-1]  # per capped class, bins from the top down
+    del counts
+    np.cumsum(below, axis=1, out=below)
+    top_down = np.argmax(below >= cap, axis=1)  # the boundary bin, counted from the top
+    kept_above = np.where(top_down > 0, below[np.arange(len(capped)), top_down - 1], 0)
+    boundary = (bins - 1 - top_down).astype(np.int64)
+    in_bin = below[np.arange(len(capped)), top_down] - kept_above
+    del below
+    wanted = pl.DataFrame(
+        {
+            "top1_class": capped.astype(np.int32),
+            "cell": capped.astype(np.int64) * bins + boundary,
+            "need": (cap - kept_above).astype(np.int64),
+            "in_bin": in_bin.astype(np.int64),
+        }
+    )
+    order = {"by": ["top1_class", "top1", "id"], "descending": [False, True, False]}
+    rank = pl.int_range(pl.len()).over("top1_class")
+    found = []
+    for group in _groups(wanted, cap_rows):  # pass 2
+        cells = group["cell"]
+        best: pl.DataFrame | None = None
+        for _, lf in eligible:
+            rows = (
+                _in_classes(lf)
+                .filter(cell.is_in(cells.implode()))
+                .select(pl.col("top1_class").cast(pl.Int32), "top1", "id")
+                .collect()
+            )
+            merged = rows if best is None else pl.concat([best, rows], how="vertical_relaxed")
+            best = (
+                merged.join(group.select("top1_class", "need"), on="top1_class")
+                .sort(**order)
+                .filter(rank < pl.col("need"))
+                .drop("need")
+            )
+        assert best is not None  # sorted, at most ``need`` rows a class: its last is the cut
+        cut = best.group_by("top1_class").agg(
+            cut_top1=pl.col("top1").last(), cut_id=pl.col("id").last(), n=pl.len()
+        )
+        got = group.join(cut, on="top1_class", how="left")
+        if got.height != group.height or (got["n"].fill_null(0) != got["need"]).any():
+            raise RuntimeError(
+                "class caps: the second pass found fewer images in a class's boundary bin than "
+                "the first counted: an index changed while the plan read it"
+            )
+        found.append(got.select("top1_class", "cut_top1", "cut_id"))
+    return pl.concat(found).cast(schema).sort("top1_class")
+
+
+def _groups(wanted: pl.DataFrame, cap_rows: int) -> list[pl.DataFrame]:
+    """``wanted`` (by class) in consecutive groups whose boundary rows sum to at most
+    ``cap_rows``, at least one class each."""
+    groups, start, rows = [], 0, 0
+    sizes = wanted["in_bin"].to_list()
+    for i, n in enumerate(sizes):
+        if i > start and rows + n > cap_rows:
+            groups.append(wanted.slice(start, i - start))
+            start, rows = i, 0
+        rows += n
+    groups.append(wanted.slice(start, len(sizes) - start))
+    return groups
 
 
 def apply_caps(frame: pl.LazyFrame, cutoffs: pl.DataFrame | None) -> pl.LazyFrame:
