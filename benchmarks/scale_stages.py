@@ -307,10 +307,6 @@ def run_step(step: str, root: Path, rows: int, images: int, limits_rows: int) ->
         "classes_capped": plan.classes_capped,
         "log": logs,
     }
-    if sampling.class_cap is not None:  # the class-cap passes over every index (rules.py)
-        from coyo_platform.common.labelspace import NUM_CLASSES
-
-        out["cap_groups"] = max(1, -(-sampling.class_cap * NUM_CLASSES // rules.CAP_ROWS))
     if dup_files:  # how many duplicates lost to a row of another partition (ids: part * rows + i)
         dups = pl.read_parquet(dup_files)
         out["cross_partition_duplicates"] = int(
@@ -536,7 +532,7 @@ def report(figures: dict, sizes: list[int], rows: int, log=print) -> dict:  # no
             how = "no dedup"
         if r["sampling"].get("class_cap"):
             how += (f", cap {r['sampling']['class_cap']:,}: {r['classes_capped']:,} classes "
-                    f"capped, {r['cap_groups']} passes over every index")  # fmt: skip
+                    "capped, in two passes over every index")  # fmt: skip
         target = f", target {r['target_rows']:,}" if r["target_rows"] else ""
         log(f"  {step:18s} {r['seconds_per_million_rows']:8.2f} s per 1M rows -> "
             f"{seconds / 60:8.1f} min ({how}; kept {r['kept_rows']:,} of "

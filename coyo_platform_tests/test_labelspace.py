@@ -31,7 +31,7 @@ def test_mapping_agrees_with_timm_class_info():
 
 def test_class_names_come_without_importing_torch():
     """The stats assets name classes in processes that never label: reading timm's label files
-    must not import timm (which imports torch, 850 MB), and gives timm's own names."""
+    must not import timm (which imports torch: an 877 MB peak), and gives timm's own names."""
     import subprocess
     import sys
 

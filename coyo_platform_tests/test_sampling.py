@@ -233,9 +233,10 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
         )
         agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
         store.write_json(layout.stats(store, key), agg.to_json())
-    # small buckets and cap groups, so that the bounded-memory paths really take several passes
+    # small buckets and boundary-row groups, so that the bounded-memory paths really take several
+    # passes (dedup: one per pHash range; caps: a second-pass group per capped class)
     monkeypatch.setattr(rules, "BUCKET_ROWS", 300)
-    monkeypatch.setattr(rules, "CAP_ROWS", 100_000)
+    monkeypatch.setattr(rules, "CAP_ROWS", 1)
     plan = plans.make_plan(store, sorted(parts), sampling, log=lambda _: None)
     if sampling.dedup:  # the patched bucket size took effect: several pHash ranges, one file each
         assert len(store.glob(plan.duplicates_glob)) > 1

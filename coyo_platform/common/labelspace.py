@@ -8,7 +8,8 @@ icon") and 15027 ("bleacher") have no fall11 class and are dropped. So: select t
 outputs in fall11 order, then take the top 50.
 
 Imports only numpy and reads timm's data files without importing timm (which imports torch:
-8 s and 850 MB in every stats process, found by ``benchmarks/scale_stages.py``), and no dagster,
+4.8-9.1 s and an 877 MB peak in every stats process on the 2-core Xeon, found by
+``benchmarks/scale_stages.py``), and no dagster,
 so the stats assets can name classes cheaply.
 """
 
