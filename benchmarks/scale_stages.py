@@ -60,6 +60,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,8 @@ def prepare(work: Path, root: Path, parts: int, rows: int, shard_rows: int, full
     """Labels for ``parts`` partitions of ``rows`` rows under the storage ``root``, their stats
     by ``write_partition_stats`` one partition at a time; with ``full_json``, a copy of the stats
     JSON in a full partition's shape there (indexes linked)."""
+    import pyarrow.parquet as pq
+
     from coyo_platform.common import layout, shards
     from coyo_platform.common.labelspace import NUM_CLASSES
     from coyo_platform.common.storage import Storage
@@ -195,6 +198,11 @@ def prepare(work: Path, root: Path, parts: int, rows: int, shard_rows: int, full
         for f in sorted((data / key).glob("*.parquet")):
             _link(f, Path(layout.labels(store, key, LABELER)) / f.name)
         shards.set_current_labels(sets, key, {"labeler": LABELER})
+    from coyo_platform.stats import aggregate
+
+    # each index in as many row groups as a full partition's (DuckDB writes at least 2,048 rows
+    # a group): dedup's pHash ranges read only the row groups they overlap
+    aggregate.INDEX_ROW_GROUP = scaled(aggregate.INDEX_ROW_GROUP, rows)
     settings = StatsSettings()
     seconds, images = [], []
     with Measured() as m:
@@ -212,6 +220,7 @@ def prepare(work: Path, root: Path, parts: int, rows: int, shard_rows: int, full
         "stats_above_mb": m.figures()["above_mb"],
         "json_bytes": [os.path.getsize(layout.stats(store, k)) for k in keys],
         "index_bytes": [os.path.getsize(layout.index(store, k)) for k in keys],
+        "index_row_groups": pq.ParquetFile(layout.index(store, keys[0])).metadata.num_row_groups,
         "json_entries": [],
     }
     for key in keys:
@@ -292,12 +301,13 @@ def run_step(step: str, root: Path, rows: int, images: int, limits_rows: int) ->
     with Measured() as m:
         plan, _ = plan_and_write(store, sampling, log=logs.append)
     out |= m.figures()
+    ranges = [re.search(r"\((\d+) pHash range", line) for line in logs]
     dup_files = store.glob(plan.duplicates_glob) if plan.duplicates_glob else []
     out |= {
         "sampling": {k: v for k, v in vars(sampling).items() if v not in (None, False)},
         "bucket_rows": rules.BUCKET_ROWS,
         "cap_rows": rules.CAP_ROWS,
-        "duplicate_files": len(dup_files),
+        "phash_ranges": next((int(m[1]) for m in ranges if m), 0),
         "threshold": plan.threshold,
         "target_rows": plan.target_rows,
         "kept_rows": plan.rows,
@@ -515,17 +525,20 @@ def report(figures: dict, sizes: list[int], rows: int, log=print) -> dict:  # no
         per = ", ".join(f"{by[(step, p, rows)]['seconds_per_million_rows']:.2f}" for p in sizes)
         doubled = by[(step, lo, 2 * rows)]["seconds"] / by[(step, lo, rows)]["seconds"]
         log(f"  {step:18s} {per}; x{doubled:.2f}")
+    groups = small.get("index_row_groups", 1)
+    full_groups = -(-PART_ROWS // 122_880)  # DuckDB's default row group, the platform's
     log(f"its per-row cost at {hi} partitions x {rows:,} rows, extrapolated to {COYO_ROWS:,} rows "
         "on this machine (all of it scaled with rows, the files opened included, whose number "
-        "stays as here at full size, and every pHash range reads each whole index here, one row "
-        "group, where full-size indexes have many it can skip: on the high side):")  # fmt: skip
+        f"stays as here at full size; an index here has {groups} row groups of at least 2,048 "
+        f"rows, DuckDB's least, where a full one has {full_groups}, so that a pHash range reads "
+        "a larger share of each index here: on the high side):")  # fmt: skip
     for step in PLAN_STEPS:
         r = by[(step, hi, rows)]
         seconds = r["seconds_per_million_rows"] * COYO_ROWS / 1e6
         out["extrapolated"][step] = {"seconds_747m": seconds}
         if r["sampling"].get("dedup"):
             cross = r.get("cross_partition_duplicates", 0)
-            how = (f"{r['duplicate_files']} pHash ranges of {r['bucket_rows']:,} rows, "
+            how = (f"{r['phash_ranges']} pHash ranges of {r['bucket_rows']:,} rows, "
                    f"{r['duplicates_dropped']:,} duplicates dropped ({cross:,} to another "
                    "partition)")  # fmt: skip
         else:

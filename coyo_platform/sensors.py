@@ -35,10 +35,15 @@ _ACTIVE = [
     dg.DagsterRunStatus.CANCELING,
 ]
 
-#: How often the labeling sensor reads every partition, the finished ones included (seconds):
-#: the net under its cursor, for shards added to a finished partition by other means than the
-#: download program (an img2dataset run into the same folder, a file copied by hand).
+#: How often the labeling sensor reads each partition again, the finished ones included
+#: (seconds): the net under its cursor, for shards added to a finished partition by other means
+#: than the download program (an img2dataset run into the same folder, a file copied by hand).
 FULL_SWEEP_SECONDS = 3600
+#: The most partitions one tick of the labeling sensor reads (about 6 storage requests each);
+#: the others wait for the next ticks, new or changed ones first, then the longest unread. At 128
+#: partitions on S3 a tick that read them all took 99 s on moto (Dagster's sensor timeout is 60 s,
+#: and a tick that times out keeps its old cursor, so it would never get past them).
+READS_PER_TICK = 32
 
 
 @dg.sensor(
@@ -84,26 +89,37 @@ def unlabeled_shards_sensor(
     fix the cause, then re-execute that run or materialize the partition from the UI.
 
     The cursor holds the partitions found finished: downloaded in full (the download program's
-    completion record) and every shard labeled. A tick lists three folders and reads only the
-    other partitions, until a finished one's completion record or current-labels pointer
-    changes (a download run removes the record when it starts; a label run rewrites the
-    pointer); every ``FULL_SWEEP_SECONDS`` a tick reads them all. Partitions written by
-    img2dataset alone have no record and are read every tick."""
+    completion record) and every shard labeled, with when each was read. A tick lists three
+    folders and reads only the other partitions, until a finished one's completion record or
+    current-labels pointer changes (a download run removes the record when it starts; a label
+    run rewrites the pointer) or it was read ``FULL_SWEEP_SECONDS`` ago. Partitions written by
+    img2dataset alone have no record and are read every tick. A tick reads at most
+    ``READS_PER_TICK`` partitions: new or changed ones first, then the longest unread."""
     store = storage.store()
     cursor = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
-    sweep = now - cursor.get("swept", 0) >= FULL_SWEEP_SECONDS
-    seen = {} if sweep else cursor.get("settled", {})
+    before = cursor.get("settled", {})
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
     keys = downloaded_partitions(store)
     versions = partition_versions(store)
-    settled = {k: seen[k] for k in keys if k in versions and seen.get(k) == versions[k]}
-    changed = [k for k in keys if k not in settled]
-    for key, todo in zip(changed, labeling_todos(store, changed), strict=True):
+    settled, changed, stale = {}, [], []
+    for key in keys:
+        entry = before.get(key)
+        if key not in versions or not entry or entry[:2] != versions[key]:
+            changed.append(key)
+            continue
+        read_at = entry[2] if len(entry) > 2 else cursor.get("swept", 0)  # a cursor of before
+        settled[key] = [*versions[key], read_at]  # until read again
+        if now - read_at >= FULL_SWEEP_SECONDS:
+            stale.append((read_at, key))
+    due = changed + [key for _, key in sorted(stale)]
+    read, left = due[:READS_PER_TICK], len(due) - min(len(due), READS_PER_TICK)
+    for key, todo in zip(read, labeling_todos(store, read), strict=True):
+        settled.pop(key, None)
         if not todo.missing:
             if key in versions:  # downloaded in full and labeled: skipped until either changes
-                settled[key] = versions[key]
+                settled[key] = [*versions[key], now]
             continue
         busy = context.instance.get_runs(
             filters=dg.RunsFilter(tags={"dagster/partition": key}, statuses=_ACTIVE), limit=1
@@ -122,14 +138,19 @@ def unlabeled_shards_sensor(
                 tags={"coyo/unlabeled_shards": str(len(todo.missing))},
             )
         )
-    swept = now if sweep else cursor["swept"]
-    cursor = json.dumps({"settled": settled, "swept": swept}, sort_keys=True)
+    cursor = json.dumps({"settled": settled}, sort_keys=True)
     if not requests:
         context.update_cursor(cursor)
+        skipped = len(keys) - len(read) - left
         detail = f"; waiting on runs in progress: {', '.join(waiting)}" if waiting else ""
+        if left:  # a tick reads at most READS_PER_TICK partitions
+            return dg.SkipReason(
+                f"no unlabeled shards in the {len(read)} partitions read in {store.root} "
+                f"({left} left for the next ticks, {skipped} finished ones skipped){detail}"
+            )
         return dg.SkipReason(
-            f"every finished shard in {store.root} is labeled ({len(changed)} partitions read, "
-            f"{len(keys) - len(changed)} finished ones skipped){detail}"
+            f"every finished shard in {store.root} is labeled ({len(read)} partitions read, "
+            f"{skipped} finished ones skipped){detail}"
         )
     return dg.SensorResult(
         run_requests=requests,

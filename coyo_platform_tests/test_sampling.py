@@ -4,6 +4,8 @@ the documented rule says, and the plan, the subsets and the manifest agree throu
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -214,6 +216,11 @@ def _brute_force_subset(parts: dict[str, list[dict]], sampling: rules.Sampling, 
     return {r["id"] for r in order if _above(r["label_probs"][0], t)}
 
 
+def _dropped_ids(store: Storage, plan: plans.Plan, key: str) -> set[int]:
+    duplicates, _ = plans.partition_filters(store, plan, key)
+    return set() if duplicates is None else set(duplicates.collect()["id"].to_list())
+
+
 @pytest.mark.parametrize(
     "sampling",
     [
@@ -237,9 +244,17 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
     # passes (dedup: one per pHash range; caps: a second-pass group per capped class)
     monkeypatch.setattr(rules, "BUCKET_ROWS", 300)
     monkeypatch.setattr(rules, "CAP_ROWS", 1)
-    plan = plans.make_plan(store, sorted(parts), sampling, log=lambda _: None)
-    if sampling.dedup:  # the patched bucket size took effect: several pHash ranges, one file each
-        assert len(store.glob(plan.duplicates_glob)) > 1
+    logs: list[str] = []
+    plan = plans.make_plan(store, sorted(parts), sampling, log=logs.append)
+    if sampling.dedup:  # the patched bucket size took effect: several pHash ranges
+        ranges = [int(m[1]) for m in map(re.compile(r"\((\d+) pHash range").search, logs) if m]
+        assert ranges and ranges[0] > 1, logs
+        # one duplicates file per partition that has any, holding only that partition's rows
+        files = store.glob(plan.duplicates_glob)
+        assert files and len(files) <= len(parts)
+        for f in files:
+            key = f.rsplit("/", 1)[-1].removesuffix(".parquet").removeprefix("crawl-")
+            assert set(store.scan_parquet(f).collect()["partition"]) == {key}
     # the rule commutes with the threshold: rules first, then the cut, equals the brute force
     want = _brute_force_subset(parts, sampling, plan.threshold)
     got: set = set()
@@ -261,6 +276,16 @@ def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling
         got |= ids
     assert got == want
     assert plan.rows == len(want)
+    if sampling.dedup:  # a plan of version 3 (a duplicates file per pHash range) applies alike
+        dropped = {k: _dropped_ids(store, plan, k) for k in parts}
+        files = store.glob(plan.duplicates_glob)
+        whole = pl.concat([pl.read_parquet(f) for f in files]).sort("partition", "id")
+        for f in files:
+            store.remove(f)
+        store.write_parquet(layout.duplicates(plan.folder, "00000"), whole.to_arrow())
+        old = dataclasses.replace(plan, version=3)
+        assert {k: _dropped_ids(store, old, k) for k in parts} == dropped
+        assert sum(map(len, dropped.values())) == plan.duplicates_dropped > 0
     if sampling.target_rows or sampling.target_fraction:
         target = sampling.target_rows or round(sampling.target_fraction * plan.images_labeled)
         eligible = _brute_force_subset(parts, sampling, 0.0)
@@ -472,3 +497,21 @@ def test_the_default_threshold_is_one_the_card_allows():
     interpolated = t0 + (t1 - t0) * (s0 - rules.CARD_KEPT_SHARE) / (s0 - s1)
     assert rules.DEFAULT_THRESHOLD == round(interpolated, 2) == 0.22
     assert rules.Sampling().fixed_threshold() == rules.DEFAULT_THRESHOLD
+
+
+def test_a_target_beyond_the_eligible_images_keeps_them_all_and_says_so(dataset):
+    root, parts = dataset
+    store = Storage(str(root))
+    for key in parts:
+        files = sorted(
+            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
+        )
+        agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
+        store.write_json(layout.stats(store, key), agg.to_json())
+    logs: list[str] = []
+    sampling = rules.Sampling(target_rows=10**6, class_cap=6)
+    plan = plans.make_plan(store, sorted(parts), sampling, log=logs.append)
+    eligible = _brute_force_subset(parts, sampling, 0.0)
+    assert plan.rows == len(eligible) < plan.images_labeled  # the caps dropped some
+    said = [line for line in logs if "not reachable" in line]
+    assert said and f"keeps {len(eligible):,}" in said[0], logs

@@ -10,6 +10,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from coyo_platform import sensors
 from coyo_platform.assets.subset_plan import subset_plan
 from coyo_platform.common import layout, shards
 from coyo_platform.common.shards import label_files
@@ -196,12 +197,50 @@ def test_labels_a_finished_partition_is_skipped_until_a_run_changes_it(
     _shard(tmp_path, "part-00000", "00002", photo)
     missed, tick = _tick(unlabeled_shards_sensor, instance, tick.cursor, storage=storage)
     assert "(1 partitions read, 1 finished ones skipped)" in missed.skip_message
-    # ...until the full sweep, an hour after the last one
+    # ...until the partition is read again, an hour after it was last read
     stale = json.loads(tick.cursor)
-    stale["swept"] -= FULL_SWEEP_SECONDS
+    stale["settled"]["part-00000"][2] -= FULL_SWEEP_SECONDS
     swept, tick = _tick(unlabeled_shards_sensor, instance, json.dumps(stale), storage=storage)
     assert [r.partition_key for r in swept.run_requests] == ["part-00000"]
     assert swept.run_requests[0].tags["coyo/unlabeled_shards"] == "1"
+
+
+def test_a_tick_reads_at_most_reads_per_tick_partitions_and_the_next_ticks_the_rest(
+    tmp_path: Path, instance, photo, monkeypatch
+):
+    """A tick that read every partition of a full run on S3 outlasted Dagster's sensor timeout
+    (and a timed-out tick keeps its old cursor): each tick reads a bounded number, changed
+    partitions first, and every partition is labeled within a few ticks, none twice."""
+    monkeypatch.setattr(sensors, "READS_PER_TICK", 2)
+    parts = [f"part-{i:05d}" for i in range(5)]
+    instance.add_dynamic_partitions("coyo_parts", parts)
+    for part in parts:
+        _shard(tmp_path, part, "00000", photo)
+        _downloaded(tmp_path, part)
+    for part in parts[:3]:  # labeled already
+        _labels(tmp_path, part, "00000")
+    storage = StorageResource(root=str(tmp_path))
+    first, tick = _tick(unlabeled_shards_sensor, instance, storage=storage)
+    assert "(3 left for the next ticks, 0 finished ones skipped)" in first.skip_message
+    assert sorted(json.loads(tick.cursor)["settled"]) == parts[:2]
+    second, _ = _tick(unlabeled_shards_sensor, instance, tick.cursor, storage=storage)
+    assert [r.partition_key for r in second.run_requests] == ["part-00003"]  # read 2 and 3
+    third, _ = _tick(unlabeled_shards_sensor, instance, second.cursor, storage=storage)
+    assert [r.partition_key for r in third.run_requests] == ["part-00003", "part-00004"]
+    assert third.run_requests[0].run_key == second.run_requests[0].run_key  # one run, not two
+    cursor = third.cursor
+    assert sorted(json.loads(cursor)["settled"]) == parts[:3]
+    # once every partition was read, a tick reads only what is due: nothing here
+    _labels(tmp_path, "part-00003", "00000")
+    _labels(tmp_path, "part-00004", "00000")
+    quiet, tick = _tick(unlabeled_shards_sensor, instance, cursor, storage=storage)
+    assert "(2 partitions read, 3 finished ones skipped)" in quiet.skip_message
+    # and an hour on, the partitions read longest ago first, two a tick
+    stale = json.loads(tick.cursor)
+    for entry in stale["settled"].values():
+        entry[2] -= sensors.FULL_SWEEP_SECONDS
+    swept, _ = _tick(unlabeled_shards_sensor, instance, json.dumps(stale), storage=storage)
+    assert "(3 left for the next ticks, 0 finished ones skipped)" in swept.skip_message
 
 
 # ---------------------------------------------------------------- daemon-free, end to end

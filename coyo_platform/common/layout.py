@@ -184,9 +184,10 @@ def plan_folders(store: Storage) -> list[str]:
     return [p for p in store.glob(store.url(PLAN, "*")) if not p.endswith(PLAN_FILE)]
 
 
-def duplicates(folder: str, bucket: int | None = None) -> str:
-    """One pHash range's dropped duplicates in a plan folder, or (no bucket) a glob of all."""
-    return f"{folder}/duplicates/{'*' if bucket is None else f'{bucket:05d}'}.parquet"
+def duplicates(folder: str, key: str | None = None) -> str:
+    """A partition's rows dropped as pHash duplicates, in a plan folder, or (no key) a glob of
+    every duplicates file (``crawl_duplicates``'s too)."""
+    return f"{folder}/duplicates/{key or '*'}.parquet"
 
 
 def crawl_duplicates(folder: str, key: str) -> str:

@@ -6,6 +6,9 @@ cutoffs), and applied per partition by the subset. Imports no ``dagster``.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from coyo_platform.common import layout
 from coyo_platform.common.provenance import digest
@@ -32,7 +36,8 @@ from coyo_platform.sample.rules import (
 )
 from coyo_platform.stats.aggregate import FINE_BINS, Aggregate, bin_of, merge_aggregates
 
-PLAN_VERSION = 3  # 2: the labelers; 3: crawl duplicates found after download
+PLAN_VERSION = 4  # 2: the labelers; 3: crawl duplicates found after download; 4: duplicates
+# in one file per partition (before: one per pHash range, every partition's rows)
 
 
 class PlanMismatch(ValueError):
@@ -146,21 +151,43 @@ class _Eligible:
 
 
 def _dedup(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]) -> None:
+    """Find the pHash duplicates over every partition, one pHash range at a time, and write them
+    as one file per partition (``<plan>/duplicates/<part>.parquet``), so that each later pass
+    (and each subset) reads only its own partition's: one file per pHash range, filtered per
+    partition, made every pass read every range's file for every partition."""
     hashes: list[str] = []
+    writers: dict[str, pq.ParquetWriter] = {}
+    with tempfile.TemporaryDirectory(prefix="coyo-dedup-") as tmp:
 
-    def write(bucket: int, losers: pl.DataFrame) -> None:
-        store.write_parquet(layout.duplicates(folder, bucket), losers.to_arrow())
-        hashes.append(hashlib.sha256(losers["id"].to_numpy().tobytes()).hexdigest())
+        def write(bucket: int, losers: pl.DataFrame) -> None:
+            hashes.append(hashlib.sha256(losers["id"].to_numpy().tobytes()).hexdigest())
+            for (key,), rows in losers.partition_by("partition", as_dict=True).items():
+                table = rows.to_arrow()
+                if key not in writers:  # one local file per partition, a row group per range
+                    writers[key] = pq.ParquetWriter(os.path.join(tmp, key), table.schema)
+                writers[key].write_table(table)
 
-    indexes = eligible.indexes
-    eligible.duplicates = find_duplicates(indexes, write)
+        try:
+            eligible.duplicates = find_duplicates(eligible.indexes, write)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        found: dict[str, str] = {}
+        for key in sorted(writers):
+            found[key] = layout.duplicates(folder, key)
+            local = os.path.join(tmp, key)
+            store.write_file(found[key], lambda path, local=local: shutil.copyfile(local, path))
     eligible.duplicates_glob = layout.duplicates(folder)
     eligible.duplicates_digest = digest(hashes)
-    dups = store.scan_parquet(store.glob(eligible.duplicates_glob))
     eligible.indexes = [
-        (k, drop_duplicates(lf, dups.filter(pl.col("partition") == k))) for k, lf in indexes
+        (k, drop_duplicates(lf, store.scan_parquet(found[k])) if k in found else lf)
+        for k, lf in eligible.indexes
     ]
-    log(f"deduplication: {eligible.duplicates:,} images share a pHash with a better one")
+    log(
+        f"deduplication: {eligible.duplicates:,} images share a pHash with a better one "
+        f"({len(hashes)} pHash range{'s' if len(hashes) != 1 else ''}, {len(found)} "
+        f"partition{'s' if len(found) != 1 else ''} with duplicates)"
+    )
 
 
 def _crawl_later(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]):
@@ -287,6 +314,12 @@ def make_plan(
         [lf.filter(above(threshold)).select(pl.len()) for _, lf in eligible.indexes]
     )
     rows = {k: int(c.item()) for (k, _), c in zip(eligible.indexes, counts, strict=True)}
+    if target is not None and sum(rows.values()) < target:
+        log(
+            f"target {target:,} images not reachable: {sum(histogram.values()):,} images are "
+            f"eligible after dedup and class caps, the subset keeps {sum(rows.values()):,} "
+            "(lower the target, or raise or drop the class cap)"
+        )
     decided = _decision_digest(
         sampling, threshold, eligible.duplicates_digest, eligible.cutoffs_digest
     )
@@ -329,7 +362,11 @@ def partition_filters(
             "materialize subset_plan again, which rewrites every partition's subset"
         )
     duplicates = None
-    if plan.duplicates_glob:
+    if plan.duplicates_glob and plan.folder and plan.version >= 4:  # this partition's files
+        files = [layout.duplicates(plan.folder, key), layout.crawl_duplicates(plan.folder, key)]
+        files = [f for f in files if store.exists(f)]
+        duplicates = store.scan_parquet(files) if files else None
+    elif plan.duplicates_glob:  # a plan written before (files by pHash range)
         files = store.glob(plan.duplicates_glob)
         duplicates = store.scan_parquet(files).filter(pl.col("partition") == key) if files else None
     cutoffs = store.scan_parquet(plan.class_cutoffs).collect() if plan.class_cutoffs else None

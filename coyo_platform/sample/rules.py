@@ -194,19 +194,21 @@ def find_duplicates(
 ) -> int:
     """Hand ``write``, per pHash range, the rows deduplication drops: ``partition``, ``id``,
     ``top1``, ``top1_class``, ``kept_id`` (the id that stays). Returns how many it dropped."""
-    sizes = [lf.select(pl.len()).collect().item() for _, lf in indexes]
+    sizes = [f.item() for f in pl.collect_all([lf.select(pl.len()) for _, lf in indexes])]
     buckets = max(1, math.ceil(sum(sizes) / (bucket_rows or BUCKET_ROWS)))
     edges = [(i << 64) // buckets for i in range(buckets + 1)]
     dropped = 0
     for i in range(buckets):
         lo, hi = edges[i], edges[i + 1] - 1
-        rows = pl.concat(
-            [
-                lf.filter(pl.col("phash").is_between(lo, hi))
-                .with_columns(partition=pl.lit(key))
-                .collect()
-                for key, lf in indexes
-            ]
+        rows = pl.concat(  # the range's rows of every partition, read together
+            pl.collect_all(
+                [
+                    lf.filter(pl.col("phash").is_between(lo, hi)).with_columns(
+                        partition=pl.lit(key)
+                    )
+                    for key, lf in indexes
+                ]
+            )
         )
         losers = (
             rows.sort(["phash", "top1", "id"], descending=[False, True, False])

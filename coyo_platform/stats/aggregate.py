@@ -47,6 +47,10 @@ FINE_BINS = 1 << 14
 #: Label files read per chunk: 100 img2dataset shards of 10,000 images, ~1M rows, kept compact
 #: while counted (id, pHash, top-1, its class, a count per threshold, the labels above the lowest).
 CHUNK_FILES = 100
+#: Rows per row group of a partition's index (DuckDB's default; it writes at least 2,048): the
+#: index is sorted by pHash, so that dedup's pHash ranges read only the row groups they overlap
+#: (a COYO part: ~48 row groups).
+INDEX_ROW_GROUP = 122_880
 #: DuckDB's memory for one partition's stats (beyond it, it spills to a temp folder).
 DUCKDB_MEMORY = "1GB"
 VERSION = 3  # 3: the labelers the stats were computed from
@@ -311,7 +315,7 @@ class _Reducer:
             "COPY (SELECT * FROM ix ORDER BY phash NULLS LAST, id) TO "
             + "'"
             + path.replace("'", "''")
-            + "' (FORMAT parquet, COMPRESSION lz4)"
+            + f"' (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE {INDEX_ROW_GROUP})"
         )
 
 
