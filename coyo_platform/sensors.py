@@ -94,32 +94,38 @@ def unlabeled_shards_sensor(
     current-labels pointer changes (a download run removes the record when it starts; a label
     run rewrites the pointer) or it was read ``FULL_SWEEP_SECONDS`` ago. Partitions written by
     img2dataset alone have no record and are read every tick. A tick reads at most
-    ``READS_PER_TICK`` partitions: new or changed ones first, then the longest unread."""
+    ``READS_PER_TICK`` partitions: new or changed ones first, then the longest unread, so that
+    every partition is read in turn whatever their number."""
     store = storage.store()
     cursor = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
     before = cursor.get("settled", {})
+    last_read = cursor.get("read", {})  # when each partition not settled was last read
     registered = set(context.instance.get_dynamic_partitions(coyo_parts.name))
     requests, unknown, waiting = [], [], []
     keys = downloaded_partitions(store)
     versions = partition_versions(store)
-    settled, changed, stale = {}, [], []
+    settled, due = {}, []
     for key in keys:
         entry = before.get(key)
         if key not in versions or not entry or entry[:2] != versions[key]:
-            changed.append(key)
+            # never read or changed since it was settled: first; else the longest unread first
+            due.append((0 if entry else last_read.get(key, 0), key))
             continue
         read_at = entry[2] if len(entry) > 2 else cursor.get("swept", 0)  # a cursor of before
         settled[key] = [*versions[key], read_at]  # until read again
         if now - read_at >= FULL_SWEEP_SECONDS:
-            stale.append((read_at, key))
-    due = changed + [key for _, key in sorted(stale)]
-    read, left = due[:READS_PER_TICK], len(due) - min(len(due), READS_PER_TICK)
+            due.append((read_at, key))
+    read = [key for _, key in sorted(due)[:READS_PER_TICK]]
+    left = len(due) - len(read)
+    reads = {k: t for k, t in last_read.items() if k in keys and k not in settled}
     for key, todo in zip(read, labeling_todos(store, read), strict=True):
         settled.pop(key, None)
+        reads[key] = now
         if not todo.missing:
             if key in versions:  # downloaded in full and labeled: skipped until either changes
                 settled[key] = [*versions[key], now]
+                reads.pop(key)
             continue
         busy = context.instance.get_runs(
             filters=dg.RunsFilter(tags={"dagster/partition": key}, statuses=_ACTIVE), limit=1
@@ -138,7 +144,7 @@ def unlabeled_shards_sensor(
                 tags={"coyo/unlabeled_shards": str(len(todo.missing))},
             )
         )
-    cursor = json.dumps({"settled": settled}, sort_keys=True)
+    cursor = json.dumps({"settled": settled, "read": reads}, sort_keys=True)
     if not requests:
         context.update_cursor(cursor)
         skipped = len(keys) - len(read) - left

@@ -152,9 +152,9 @@ class _Eligible:
 
 def _dedup(store: Storage, folder: str, eligible: _Eligible, log: Callable[[str], Any]) -> None:
     """Find the pHash duplicates over every partition, one pHash range at a time, and write them
-    as one file per partition (``<plan>/duplicates/<part>.parquet``), so that each later pass
-    (and each subset) reads only its own partition's: one file per pHash range, filtered per
-    partition, made every pass read every range's file for every partition."""
+    as one file per partition (``<plan>/duplicates/<part>.parquet``, a row group per range), so
+    that each later pass and each subset reads only its own partition's (plans of version 3 kept
+    a file per range, which every pass read whole for every partition)."""
     hashes: list[str] = []
     writers: dict[str, pq.ParquetWriter] = {}
     with tempfile.TemporaryDirectory(prefix="coyo-dedup-") as tmp:
