@@ -5,6 +5,7 @@
                       [--dedup] [--class-cap N] [--limit N] ...
     coyo-platform clear --parts part-00000 --from downloaded_shards [--data-root DIR]
     coyo-platform compare [--baseline LABELER --candidate LABELER] [--parts ...]
+    coyo-platform export --to URL [--data-root DIR] [--endpoint-url URL] [--allow-incomplete]
     coyo-platform demo
     coyo-platform estimate [--parts 128] [--gpus N] [--download-nodes M] [--price-gpu USD]
                            [--price-cpu USD] [--cores-per-node C] [--rows-per-part R]
@@ -324,6 +325,15 @@ def _parser() -> argparse.ArgumentParser:
         "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
     )
     a.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
+    x = sub.add_parser("export", help="copy the subset and its card to a folder, s3:// or hf://")
+    x.add_argument("--to", required=True, metavar="URL", help="any fsspec URL")
+    x.add_argument(
+        "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
+    )
+    x.add_argument("--endpoint-url", default=None, help="an S3-compatible destination's endpoint")
+    x.add_argument(
+        "--allow-incomplete", action="store_true", help="export a subset its manifest finds lacking"
+    )
     d = sub.add_parser("demo", help="offline demo: local image server, two small parts")
     d.add_argument("--workdir", default=None, help="where fixtures go (default: a temp dir)")
     _estimate_parser(sub)
@@ -469,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         clear(args.parts, args.stage, args.data_root)
     elif args.command == "estimate":
         print(estimate(args), end="")
+    elif args.command == "export":
+        export(args.to, args.data_root, args.endpoint_url, args.allow_incomplete)
     else:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coyo-demo-"))
         demo(workdir)
@@ -488,6 +500,28 @@ def compare(
     instance = _prepare_instance()
     resources = local_resources(data_root=data_root)
     return _materialize(label_agreement, instance, resources, None, config, verbose)
+
+
+def export(
+    to: str,
+    data_root: str | None = None,
+    endpoint_url: str | None = None,
+    allow_incomplete: bool = False,
+) -> None:
+    """Copy the subset, its card and manifest to ``to``, verified there (``sample/export.py``)."""
+    from coyo_platform.definitions import local_resources
+    from coyo_platform.sample.export import ExportRefused, export_subset
+
+    store = local_resources(data_root=data_root)["storage"].store()
+    try:
+        done = export_subset(store, to, endpoint_url, allow_incomplete)
+    except ExportRefused as err:
+        raise SystemExit(f"coyo-platform export: {err}") from err
+    print(
+        f"exported {done.rows:,} rows ({done.bytes:,} bytes) to {done.destination}: "
+        f"{len(done.copied)} files copied, {len(done.skipped)} already there and verified, "
+        f"{len(done.deleted)} stale parts deleted"
+    )
 
 
 def clear(parts: list[str], stage: str, data_root: str | None = None) -> list[str]:

@@ -451,7 +451,7 @@ def test_label_program_killed_mid_write_twice_then_rerun_equals_an_uninterrupted
 def subset_of(root: Path) -> tuple[dict[str, pl.DataFrame], dict]:
     folder = root / "coyo_labeled_300m"
     parts = {p.name: pl.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
-    manifest = json.loads((folder / "_manifest.json").read_text())
+    manifest = json.loads((folder / ".coyo" / "manifest.json").read_text())
     for part in manifest["parts"]:
         part["path"] = os.path.basename(part["path"])  # the roots differ
     return parts, manifest
@@ -475,7 +475,7 @@ def test_subset_writing_killed_then_rerun_equals_an_uninterrupted_run(
     )
     killed(proc, log)
     subset = root / "coyo_labeled_300m"
-    seen = sorted(p.name for p in subset.iterdir())
+    seen = sorted(p.name for p in subset.iterdir() if p.name != ".coyo")  # not the card's
     print(f"killed with {seen} in {subset.name}")
     assert (root / "subset_plan" / "plan.json").exists()
     assert [n.split(".tmp-")[0] for n in seen] == ["part-00000.parquet", "part-00001.parquet"]

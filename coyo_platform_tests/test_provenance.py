@@ -116,10 +116,15 @@ def test_changed_checkpoint_makes_a_new_label_set_the_subset_uses(cli_run, site,
         assert got["labels"].to_list() == kept.sort("id")["labels"].to_list()
         stats = json.loads((copy.root / "label_stats" / f"{part}.json").read_text())
         assert stats["labelers"] == [second]
-    manifest = json.loads((copy.root / "coyo_labeled_300m" / "_manifest.json").read_text())
+    manifest = json.loads((copy.root / "coyo_labeled_300m" / ".coyo" / "manifest.json").read_text())
     assert manifest["labelers"] == [second] and manifest["complete"]
     record = json.loads((copy.root / "labeled_shards" / second / "_labeler.json").read_text())
     assert {p["weights_sha256"] for p in manifest["parts"]} == {record["weights_sha256"]}
+    card = (copy.root / "coyo_labeled_300m" / "README.md").read_text()  # the dataset card
+    assert f"- label set: `{second}`" in card
+    assert f"- checkpoint sha256: {record['weights_sha256']}" in card
+    assert f"- preset: {record['settings']['preset']}" in card
+    assert f"- precision: {record['precision']}" in card
     assert all(len(p["source_sha256"]) == 64 for p in manifest["parts"])
 
     again = copy.cli(checkpoint=str(shutil.copy(site.checkpoint, tmp_path / "moved.pth")))

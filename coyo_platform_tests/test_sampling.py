@@ -14,18 +14,25 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
 from coyo_platform.assets.label_stats import label_stats
 from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.assets.subset_manifest import subset_manifest
 from coyo_platform.assets.subset_plan import subset_plan
-from coyo_platform.common import layout
-from coyo_platform.common.formats import INDEX_SCHEMA, LABELED_FILE_OPTIONS, LABELED_SCHEMA
+from coyo_platform.common import labelspace, layout
+from coyo_platform.common.formats import (
+    CARD_SCHEMA,
+    INDEX_SCHEMA,
+    LABELED_FILE_OPTIONS,
+    LABELED_SCHEMA,
+)
 from coyo_platform.common.storage import Storage
 from coyo_platform.resources import StorageResource
 from coyo_platform.sample import plan as plans
 from coyo_platform.sample import rules
+from coyo_platform.sample.card import size_category
 from coyo_platform.sample.subset import build_subset
 from coyo_platform.stats import aggregate as stats
 from coyo_platform.stats.report import threshold_rows
@@ -407,7 +414,7 @@ def _materialize(assets, instance, root, partition=None, config=None):
     )
 
 
-def test_plan_subsets_and_manifest_through_dagster(dataset):
+def test_plan_subsets_and_manifest_through_dagster(dataset, monkeypatch):
     root, parts = dataset
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("coyo_parts", sorted(parts))
@@ -451,6 +458,7 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         written = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
         assert written.height == plan.rows and written["id"].n_unique() == written.height
         assert written["imagehash"].n_unique() == written.height  # deduplicated across parts
+        _check_card(root, plan, written, monkeypatch)
 
         # a new plan makes the old subsets stale, and the manifest says which
         assert _materialize([subset_plan], instance, root, config={"threshold": 0.9}).success
@@ -470,6 +478,38 @@ def test_plan_subsets_and_manifest_through_dagster(dataset):
         assert not lonely.success
         [failure] = [e for e in lonely.all_events if e.is_step_failure]
         assert "made without part-00009" in failure.step_failure_data.error.message
+
+
+def _check_card(root: Path, plan: plans.Plan, written: pl.DataFrame, monkeypatch) -> None:
+    """The dataset card beside the parts says what the run made, in the card's form, and the
+    folder loads as it is with the datasets package, exactly the parquet files' rows and types."""
+    folder = root / "coyo_labeled_300m"
+    card = (folder / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["license"] == ["cc-by-4.0"]
+    assert header["task_ids"] == ["multi-label-image-classification"]
+    assert header["size_categories"] == ["n<1K"]  # some 500 rows
+    assert header["source_datasets"] == ["kakaobrain/coyo-700m"]
+    assert f"**{written.height:,} images**" in card and f"at least **{plan.threshold:g}**" in card
+    for key, rows in written.group_by(pl.col("id") // 10_000).len().iter_rows():
+        assert f"| part-{key:05d} | {rows:,} |" in card  # the rows of every part
+    top, count = written["labels"].list.first().value_counts(sort=True).row(0)
+    assert f"| {top} | {labelspace.class_names()[top]} | {count:,} |" in card
+    assert "| 0.05 |" in card  # the roll-up's threshold table
+    assert (folder / ".coyo" / "top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (folder / "_manifest.json").exists()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    import datasets
+
+    loaded = datasets.load_dataset(
+        "parquet", data_dir=str(folder), split="train", cache_dir=str(root / "hf" / "cache")
+    )
+    assert loaded.features.arrow_schema.remove_metadata() == CARD_SCHEMA
+    frame = pl.from_arrow(loaded.data.table)
+    assert frame.sort("id").equals(written.sort("id"))
 
 
 def test_bad_plan_settings_fail_before_any_work(dataset):
@@ -515,3 +555,12 @@ def test_a_target_beyond_the_eligible_images_keeps_them_all_and_says_so(dataset)
     assert plan.rows == len(eligible) < plan.images_labeled  # the caps dropped some
     said = [line for line in logs if "not reachable" in line]
     assert said and f"keeps {len(eligible):,}" in said[0], logs
+
+
+@pytest.mark.parametrize(
+    ("rows", "category"),
+    [(0, "n<1K"), (999, "n<1K"), (1_000, "1K<n<10K"), (500, "n<1K"), (300_000_000, "100M<n<1B"),
+     (747_000_000, "100M<n<1B"), (1_000_000_000, "1B<n<10B")],
+)  # fmt: skip
+def test_the_card_s_size_category_is_the_hub_s(rows: int, category: str):
+    assert size_category(rows) == category

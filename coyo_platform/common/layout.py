@@ -11,9 +11,10 @@ its asset::
         _labeler.json, <root>/labeled_shards/_current/<part>.json        (one set per labeler)
     <root>/labeled_shards/<labeler id>/<part>/_revisions.json   (the revision each was labeled at)
     <root>/label_stats/<part>.json|.index.parquet|.png, _all_partitions.json|.png, _classes.parquet
-    <root>/subset_plan/plan.json, <root>/subset_plan/<plan id>/duplicates/NNNNN.parquet,
+    <root>/subset_plan/plan.json, <root>/subset_plan/<plan id>/duplicates/<part>.parquet,
         <root>/subset_plan/<plan id>/class_cutoffs.parquet
-    <root>/coyo_labeled_300m/<part>.parquet, _manifest.json
+    <root>/coyo_labeled_300m/<part>.parquet, README.md (the dataset card), and hidden from
+        dataset loaders: .coyo/manifest.json, .coyo/top1.png, .coyo/summary/<part>.json
     <root>/taxonomy/classes.parquet, hierarchy.parquet
     <root>/label_agreement/<baseline>_vs_<candidate>.json
 
@@ -48,7 +49,12 @@ REWRITE = "_rewrite.json"  # NNNNN_rewrite.json: a shard's rewrite in progress (
 STATS_DONE = "_stats.json"  # img2dataset's "this shard is finished" file: NNNNN_stats.json
 ROLLUP = "_all_partitions"
 PLAN_FILE = "plan.json"
-MANIFEST_FILE = "_manifest.json"
+#: The subset folder's own files that are not data, in a hidden folder: dataset loaders
+#: (``datasets.load_dataset("parquet", data_dir=...)``) read every other file in it as parquet.
+SUBSET_META = ".coyo"
+MANIFEST_FILE = "manifest.json"
+LEGACY_MANIFEST = "_manifest.json"  # before the card: beside the parts, which broke loaders
+CARD_FILE = "README.md"
 
 
 def metadata(store: Storage, key: str) -> str:
@@ -211,7 +217,21 @@ def subset_files(store: Storage) -> dict[str, str]:
 
 
 def manifest(store: Storage) -> str:
-    return store.url(SUBSET, MANIFEST_FILE)
+    return store.url(SUBSET, SUBSET_META, MANIFEST_FILE)
+
+
+def card(store: Storage) -> str:
+    """The subset's dataset card (``sample/card.py``)."""
+    return store.url(SUBSET, CARD_FILE)
+
+
+def card_chart(store: Storage) -> str:
+    return store.url(SUBSET, SUBSET_META, "top1.png")
+
+
+def subset_summary(store: Storage, key: str) -> str:
+    """What a partition's subset file holds, for the card: top-1 histogram and classes."""
+    return store.url(SUBSET, SUBSET_META, "summary", f"{key}.json")
 
 
 def taxonomy(store: Storage, table: str) -> str:

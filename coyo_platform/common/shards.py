@@ -323,5 +323,5 @@ def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
     if "label_stats" in later:
         stats = layout.stats(store, key)
         targets += [stats, layout.index(store, key), layout.chart(stats)]
-    targets.append(layout.subset(store, key))
+    targets += [layout.subset(store, key), layout.subset_summary(store, key)]
     return [url for url in targets if url and store.remove(url)]

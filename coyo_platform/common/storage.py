@@ -104,14 +104,15 @@ class Storage:
         self.endpoint_url = endpoint_url or None
         self.is_local = is_local(self.root)
         options: dict = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
-        if not self.is_local:  # sensors list the same root every tick in a long-lived process
+        s3 = self.root.startswith(("s3://", "s3a://"))  # the options below are s3fs's
+        if s3:  # sensors list the same root every tick in a long-lived process
             options["use_listings_cache"] = False
             # total_max_attempts counts the first request; botocore's max_attempts would not
             retries = {"mode": S3_RETRY_MODE, "total_max_attempts": S3_MAX_ATTEMPTS}
             # botocore's pool is 10 connections: the sensor's tick reads 16 partitions at once
             options["config_kwargs"] = {"retries": retries, "max_pool_connections": S3_CONNECTIONS}
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
-        if not self.is_local:  # not a constructor argument; instances with these options share it
+        if s3:  # not a constructor argument; instances with these options share it
             self.fs.retries = S3FS_RETRIES
 
     def env(self) -> dict[str, str]:
@@ -159,6 +160,15 @@ class Storage:
             )
         else:
             found = sorted(self.fs.glob(pattern))
+        if self.is_local:
+            return found
+        protocol = self.root.split("://", 1)[0]
+        return [p if "://" in p else f"{protocol}://{p}" for p in found]
+
+    def find(self, folder: str) -> list[str]:
+        """Every file below ``folder`` (none where it is not there), sorted, as :meth:`glob`
+        gives them."""
+        found = sorted(self.fs.find(folder))
         if self.is_local:
             return found
         protocol = self.root.split("://", 1)[0]

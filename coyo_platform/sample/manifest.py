@@ -1,6 +1,6 @@
 """The subset's manifest: every part file with its row count, size, the plan it was written
 under and its provenance (the source part's digest, the labeler and its weights' digest), so a
-consumer can check they have all of it, made one way (``coyo_labeled_300m/_manifest.json``).
+consumer can check they have all of it, made one way (``coyo_labeled_300m/.coyo/manifest.json``).
 
 Row counts come from each file's parquet footer (no data read). A part is *current* when it was
 written under the current plan's digest and, where the plan counted its rows, has that many rows.

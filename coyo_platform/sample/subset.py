@@ -20,6 +20,7 @@ from coyo_platform.common.formats import CARD_SCHEMA, labeled_ok, top1, top1_cla
 from coyo_platform.common.storage import Storage
 from coyo_platform.sample.plan import Plan, partition_filters
 from coyo_platform.sample.rules import above, apply_caps, check_threshold
+from coyo_platform.stats.aggregate import HISTOGRAM_BINS, bin_of
 
 #: The plan's digest and the labeler in each subset file's parquet metadata (the manifest reads
 #: them back).
@@ -68,6 +69,28 @@ def build_subset(
             f"{len(strangers)} labeled id(s) are not in the source part, e.g. {strangers[0]}"
         )
     return kept.select(CARD_SCHEMA.names).to_arrow().cast(CARD_SCHEMA), labeled.item()
+
+
+def summarize(table: pa.Table | pl.LazyFrame) -> dict[str, object]:
+    """What the dataset card counts of a subset file: its rows, the top-1 probability histogram
+    (``HISTOGRAM_BINS`` bins over [0, 1]) and the images per top-1 class."""
+    frame = table.lazy() if isinstance(table, pl.LazyFrame) else pl.from_arrow(table).lazy()
+    top = frame.select(
+        pl.col("labels").list.first().alias("cls"),
+        bin_of(pl.col("label_probs").list.first(), HISTOGRAM_BINS).alias("bin"),
+    )
+    bins, classes = pl.collect_all(
+        [top.group_by("bin").len().sort("bin"), top.group_by("cls").len().sort("cls")]
+    )
+    histogram = [0] * HISTOGRAM_BINS
+    for b, n in bins.iter_rows():
+        if b is not None:
+            histogram[b] = n
+    return {
+        "rows": int(classes["len"].sum()) if classes.height else 0,
+        "top1_histogram": histogram,
+        "top1_classes": {str(c): n for c, n in classes.iter_rows() if c is not None},
+    }
 
 
 class StaleLabels(ValueError):
@@ -125,6 +148,8 @@ def write_subset(store: Storage, plan: Plan, key: str) -> SubsetPart:
     )
     store.remove_stale_temp(url)  # what a run killed while writing this file left
     store.write_parquet(url, table)
+    summary = {"plan_digest": plan.digest, "labeler": labeler or "", **summarize(table)}
+    store.write_json(layout.subset_summary(store, key), summary, compact=True)
     preview = pl.from_arrow(table.slice(0, 5)).with_columns(
         pl.col("labels").list.head(3), pl.col("label_probs").list.head(3)
     )
