@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coyo_platform.common import layout
 from coyo_platform.common.shards import STAGES
 from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.ingest.metadata import IngestSettings
@@ -100,6 +101,11 @@ _SUMMARY_KEYS = {
         "top1_prob_mean_abs_diff",
     ),
 }
+
+
+#: The demo's working folder's name (a temp folder): how a later demo knows an earlier one's.
+DEMO_PREFIX = "coyo-demo-"
+DEMO_MARKER = ".coyo-demo"  # in a demo's folder given with --workdir
 
 
 def steps() -> list[tuple[bool, list]]:
@@ -276,6 +282,9 @@ def run(
     print("COYO-Labeled-300M subset written to:")
     for path in outputs:
         print(f"  {path}")
+    card = layout.card(resources["storage"].store())
+    if outputs and resources["storage"].store().exists(card):
+        print(f"its dataset card (how to load it, what made it): {card}")
     return outputs
 
 
@@ -284,6 +293,8 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
     from coyo_platform import demo as fixtures
 
     images, source = workdir / "images", workdir / "source"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("a coyo-platform demo's folder\n")
     items = fixtures.write_images(images)
     checkpoint = fixtures.make_random_model(workdir / "random_test_efficientnet.pth", images)
     print(
@@ -293,7 +304,25 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
     with fixtures.serve_folder(images) as base_url:
         keys = fixtures.write_parts(source, images, items, base_url, parts, rows)
         print(f"image server {base_url}; {parts} parts of {rows} rows in {source}")
+        _clear_earlier_demo(keys)
         return run(source=str(source), parts=keys, configs=fixtures.demo_configs(checkpoint))
+
+
+def _clear_earlier_demo(keys: list[str]) -> None:
+    """A demo run again: its parts point at a new image server (another port, other URLs), so
+    the downloads an earlier demo left would be refused as another source's; clear them (only
+    the partitions an earlier demo's source folder made, nothing else)."""
+    from coyo_platform.common.shards import clear_partition
+    from coyo_platform.definitions import local_resources
+
+    store = local_resources()["storage"].store()
+    for key in keys:
+        made = store.read_json_if_exists(layout.download_record(layout.shards(store, key)))
+        where = str((made or {}).get("source_location", ""))
+        marked = any((p / DEMO_MARKER).exists() for p in Path(where).parents[:2])
+        if where and (DEMO_PREFIX in where or marked):
+            clear_partition(store, key, "downloaded_shards")
+            print(f"[{key}] an earlier demo's output (source {where}): cleared, to run anew")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -482,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         export(args.to, args.data_root, args.endpoint_url, args.allow_incomplete)
     else:
-        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coyo-demo-"))
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix=DEMO_PREFIX))
         demo(workdir)
 
 

@@ -32,7 +32,8 @@ from coyo_platform.common.storage import Storage
 from coyo_platform.resources import StorageResource
 from coyo_platform.sample import plan as plans
 from coyo_platform.sample import rules
-from coyo_platform.sample.card import size_category
+from coyo_platform.sample.card import size_category, write_card
+from coyo_platform.sample.manifest import build_manifest
 from coyo_platform.sample.subset import build_subset
 from coyo_platform.stats import aggregate as stats
 from coyo_platform.stats.report import threshold_rows
@@ -498,6 +499,12 @@ def _check_card(root: Path, plan: plans.Plan, written: pl.DataFrame, monkeypatch
     assert "| 0.05 |" in card  # the roll-up's threshold table
     assert (folder / ".coyo" / "top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (folder / "_manifest.json").exists()
+    # a part's summary lost (a run killed between the part and its summary): counted from the
+    # part itself, the same card
+    (folder / ".coyo" / "summary" / "part-00000.json").unlink()
+    store = Storage(str(root))
+    write_card(store, build_manifest(store, plans.read_plan(store)), plans.read_plan(store))
+    assert (folder / "README.md").read_text() == card
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -93,6 +93,11 @@ def export_subset(
     rest = [f for f in meta if f != manifest_url] + [layout.card(store), manifest_url]
     files += [(f, store.size(f), None) for f in rest if store.exists(f)]  # the manifest last
     keep = {os.path.basename(path) for path, _, _ in files[: len(manifest["parts"])]}
+    # an earlier export's manifest goes first: until this one's is written last, the
+    # destination does not claim to hold a whole subset
+    there = dest.url(manifest_url.removeprefix(base).lstrip("/"))
+    if dest.exists(there) and dest.fs.cat_file(there) != store.fs.cat_file(manifest_url):
+        dest.remove(there)
     for old in dest.glob(dest.url("*.parquet")):
         if os.path.basename(old) not in keep:
             dest.remove(old)
