@@ -224,6 +224,18 @@ def _brute_force_subset(parts: dict[str, list[dict]], sampling: rules.Sampling, 
     return {r["id"] for r in order if _above(r["label_probs"][0], t)}
 
 
+def _write_stats(root: Path, parts: dict[str, list[dict]]) -> Storage:
+    """Each partition's label stats and index, as label_stats writes them."""
+    store = Storage(str(root))
+    for key in parts:
+        files = sorted(
+            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
+        )
+        agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
+        store.write_json(layout.stats(store, key), agg.to_json())
+    return store
+
+
 def _dropped_ids(store: Storage, plan: plans.Plan, key: str) -> set[int]:
     duplicates, _ = plans.partition_filters(store, plan, key)
     return set() if duplicates is None else set(duplicates.collect()["id"].to_list())
@@ -241,13 +253,7 @@ def _dropped_ids(store: Storage, plan: plans.Plan, key: str) -> set[int]:
 )
 def test_plan_keeps_exactly_what_the_rules_say(dataset, sampling: rules.Sampling, monkeypatch):
     root, parts = dataset
-    store = Storage(str(root))
-    for key in parts:
-        files = sorted(
-            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
-        )
-        agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
-        store.write_json(layout.stats(store, key), agg.to_json())
+    store = _write_stats(root, parts)
     # small buckets and boundary-row groups, so that the bounded-memory paths really take several
     # passes (dedup: one per pHash range; caps: a second-pass group per capped class)
     monkeypatch.setattr(rules, "BUCKET_ROWS", 300)
@@ -548,13 +554,7 @@ def test_the_default_threshold_is_one_the_card_allows():
 
 def test_a_target_beyond_the_eligible_images_keeps_them_all_and_says_so(dataset):
     root, parts = dataset
-    store = Storage(str(root))
-    for key in parts:
-        files = sorted(
-            str(f) for f in (root / "labeled_shards" / HAND_LABELER / key).glob("*.parquet")
-        )
-        agg = stats.aggregate_files(files, store=store, index_url=layout.index(store, key))
-        store.write_json(layout.stats(store, key), agg.to_json())
+    store = _write_stats(root, parts)
     logs: list[str] = []
     sampling = rules.Sampling(target_rows=10**6, class_cap=6)
     plan = plans.make_plan(store, sorted(parts), sampling, log=logs.append)

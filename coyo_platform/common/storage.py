@@ -160,19 +160,19 @@ class Storage:
             )
         else:
             found = sorted(self.fs.glob(pattern))
-        if self.is_local:
-            return found
-        protocol = self.root.split("://", 1)[0]
-        return [p if "://" in p else f"{protocol}://{p}" for p in found]
+        return self._with_protocol(found)
 
     def find(self, folder: str) -> list[str]:
         """Every file below ``folder`` (none where it is not there), sorted, as :meth:`glob`
         gives them."""
-        found = sorted(self.fs.find(folder))
+        return self._with_protocol(sorted(self.fs.find(folder)))
+
+    def _with_protocol(self, paths: list[str]) -> list[str]:
+        """fsspec's paths as this root spells them (its protocol kept)."""
         if self.is_local:
-            return found
+            return paths
         protocol = self.root.split("://", 1)[0]
-        return [p if "://" in p else f"{protocol}://{p}" for p in found]
+        return [p if "://" in p else f"{protocol}://{p}" for p in paths]
 
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` to ``url`` so that a reader sees the old file, or the whole new one."""
