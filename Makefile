@@ -6,6 +6,7 @@
 # make bench-download: the guarded download program vs img2dataset's own (benchmarks/download.py):
 #   CPU-bound on one loopback server, then a realistic web (64 hosts, TLS, latency, stalls)
 # make bench-scale: the sensors' ticks on a full run's layout, folder and S3 (benchmarks/scale.py)
+# make bench-wds: the webdataset shards of the kept images, speed and memory (benchmarks/wds.py)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ BIN := $(VENV)/bin
 TOOLS := .venv-tools
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui lint clean bench bench-gpu bench-stats bench-download bench-scale chromium
+.PHONY: demo test ui lint clean bench bench-gpu bench-stats bench-download bench-scale bench-wds chromium
 
 $(BIN)/coyo-platform: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,9 @@ bench-download: $(BIN)/coyo-platform
 bench-scale: $(BIN)/coyo-platform
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/scale_stages.py
+
+bench-wds: $(BIN)/coyo-platform
+	$(BIN)/python benchmarks/wds.py --json benchmarks/results/wds.json
 
 lint: $(BIN)/coyo-platform
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -235,7 +235,8 @@ def bench_loader_cpu(shards: Path, checkpoint: Path, model_name: str) -> dict:
     import imagehash
     from PIL import Image
 
-    from coyo_platform.label.samples import ShardSamples, iter_tar_samples
+    from coyo_platform.common.tars import iter_tar_samples
+    from coyo_platform.label.samples import ShardSamples
     from coyo_platform.label.weights import load_model
 
     tars = [str(t) for t in sorted(shards.glob("*.tar"))[:2]]

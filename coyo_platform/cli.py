@@ -2,10 +2,11 @@
 
     coyo-platform run --source URL --parts part-00000 [part-00001 ...] [--model NAME]
                       [--checkpoint PATH] [--threshold T | --target-rows N | --target-fraction F]
-                      [--dedup] [--class-cap N] [--limit N] ...
+                      [--dedup] [--class-cap N] [--limit N] [--wds [--shard-bytes B]] ...
     coyo-platform clear --parts part-00000 --from downloaded_shards [--data-root DIR]
     coyo-platform compare [--baseline LABELER --candidate LABELER] [--parts ...]
-    coyo-platform export --to URL [--data-root DIR] [--endpoint-url URL] [--allow-incomplete]
+    coyo-platform export --to URL [--wds-to URL] [--data-root DIR] [--endpoint-url URL]
+                         [--allow-incomplete]
     coyo-platform demo
     coyo-platform estimate [--parts 128] [--gpus N] [--download-nodes M] [--price-gpu USD]
                            [--price-cpu USD] [--cores-per-node C] [--rows-per-part R]
@@ -49,6 +50,7 @@ from coyo_platform.download.settings import DownloadSettings
 from coyo_platform.ingest.metadata import IngestSettings
 from coyo_platform.label.settings import LabelSettings
 from coyo_platform.sample.rules import Sampling
+from coyo_platform.sample.wds import WdsSettings
 
 #: The run's flags: (asset, its stage's settings, the settings offered as flags).
 FLAGS = (
@@ -73,6 +75,7 @@ FLAGS = (
         Sampling,
         ("threshold", "target_rows", "target_fraction", "dedup", "class_cap"),
     ),
+    ("coyo_labeled_300m_wds", WdsSettings, ("shard_bytes",)),
 )
 
 # What the progress line of each step shows from its materialization metadata.
@@ -92,6 +95,8 @@ _SUMMARY_KEYS = {
     "label_stats_rollup": ("partitions", "images_labeled"),
     "subset_plan": ("threshold", "rows", "duplicates_dropped"),
     "subset_manifest": ("partitions", "rows"),
+    "coyo_labeled_300m_wds": ("samples", "shards", "shards_written", "bytes"),
+    "wds_manifest": ("partitions", "samples", "shards"),
     "label_agreement": (
         "baseline",
         "candidate",
@@ -108,17 +113,18 @@ DEMO_PREFIX = "coyo-demo-"
 DEMO_MARKER = ".coyo-demo"  # in a demo's folder given with --workdir
 
 
-def steps() -> list[tuple[bool, list]]:
+def steps(wds: bool = True) -> list[tuple[bool, list]]:
     """The assets a run materializes, in the asset graph's order (level by level), grouped into
-    runs of partitioned assets (done part by part) and unpartitioned ones (done once)."""
+    runs of partitioned assets (done part by part) and unpartitioned ones (done once); the
+    webdataset shards and their manifest among them (``wds``: :func:`run` decides per part)."""
     import dagster as dg
 
-    from coyo_platform.definitions import COMPARISONS, PIPELINE, ROLLUPS, defs
+    from coyo_platform.definitions import COMPARISONS, PIPELINE, ROLLUPS, TRAINING, defs
 
     graph = defs.resolve_asset_graph()
-    by_key = {asset.key: asset for asset in [*PIPELINE, *ROLLUPS]}  # without resources bound
-    downstream = dg.AssetSelection.assets(*PIPELINE).downstream()
-    wanted = (downstream - dg.AssetSelection.assets(*COMPARISONS)).resolve(graph)
+    by_key = {a.key: a for a in [*PIPELINE, *ROLLUPS, *TRAINING]}  # without resources bound
+    left_out = dg.AssetSelection.assets(*COMPARISONS, *([] if wds else TRAINING))
+    wanted = (dg.AssetSelection.assets(*PIPELINE).downstream() - left_out).resolve(graph)
     order = [
         key
         for level in graph.toposorted_asset_keys_by_level
@@ -250,9 +256,11 @@ def run(
     configs: dict[str, dict[str, Any]] | None = None,
     data_root: str | None = None,
     verbose: bool = False,
+    wds: bool = False,
 ) -> list[str]:
     """Materialize the graph for ``parts`` with each asset's ``configs`` (settings by name);
-    returns the subset files' paths."""
+    returns the subset files' paths. The webdataset shards are written for every part with
+    ``wds``, and kept current without it where they exist already (as automation does)."""
     from coyo_platform.definitions import local_resources
 
     configs = {name: dict(values) for name, values in (configs or {}).items()}
@@ -263,7 +271,9 @@ def run(
     instance.add_dynamic_partitions("coyo_parts", new)
     print(f"instance {os.environ['DAGSTER_HOME']}; data root {resources['storage'].store().root}")
     print(f"parts: {', '.join(parts)} ({len(new)} new partitions)")
+    store = resources["storage"].store()
     outputs: list[str] = []
+    shards, any_shards = "", False
     for partitioned, assets in steps():
         todo = parts
         if partitioned and any(a.key.to_user_string() == "coyo_labeled_300m" for a in assets):
@@ -275,17 +285,37 @@ def run(
                 )
         for part in todo if partitioned else [None]:
             for asset in assets:
-                config = configs.get(asset.key.to_user_string(), {})
+                name = asset.key.to_user_string()
+                shards_here = _has_shards(store, part) or (part is None and any_shards)
+                if name in TRAINING and not (wds or shards_here):
+                    continue
+                config = configs.get(name, {})
                 path = _materialize(asset, instance, resources, part, config, verbose)
-                if asset.key.to_user_string() == "coyo_labeled_300m":
+                if name == "coyo_labeled_300m":
                     outputs.append(path)
+                elif name == "coyo_labeled_300m_wds":
+                    any_shards = True
+                elif name == "wds_manifest":
+                    shards = path
     print("COYO-Labeled-300M subset written to:")
     for path in outputs:
         print(f"  {path}")
-    card = layout.card(resources["storage"].store())
-    if outputs and resources["storage"].store().exists(card):
+    card = layout.card(store)
+    if outputs and store.exists(card):
         print(f"its dataset card (how to load it, what made it): {card}")
+    if shards:
+        print(f"its webdataset shards: {store.url(layout.WDS)} (manifest {shards})")
     return outputs
+
+
+#: The assets that write the webdataset shards: run with ``--wds``, or where shards exist.
+TRAINING = ("coyo_labeled_300m_wds", "wds_manifest")
+
+
+def _has_shards(store: Any, part: str | None) -> bool:
+    """Shards were written for ``part`` (for all parts: the manifest was)."""
+    url = layout.wds_progress(store, part) if part else layout.wds_manifest(store)
+    return store.exists(url)
 
 
 def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
@@ -305,7 +335,8 @@ def demo(workdir: Path, parts: int = 2, rows: int = 150) -> list[str]:
         keys = fixtures.write_parts(source, images, items, base_url, parts, rows)
         print(f"image server {base_url}; {parts} parts of {rows} rows in {source}")
         _clear_earlier_demo(keys)
-        return run(source=str(source), parts=keys, configs=fixtures.demo_configs(checkpoint))
+        configs = fixtures.demo_configs(checkpoint)
+        return run(source=str(source), parts=keys, configs=configs, wds=True)
 
 
 def _clear_earlier_demo(keys: list[str]) -> None:
@@ -339,6 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     for asset, settings, names in FLAGS:
         group = r.add_argument_group(f"settings of {asset}")
         declared.add_arguments(group, settings, names, unset=True)
+    r.add_argument(
+        "--wds",
+        action="store_true",
+        help="write webdataset shards of the kept images too (kept current without the flag "
+        "for the parts that have them)",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="show Dagster's INFO logs")
     c = sub.add_parser("clear", help="delete parts' output of a stage and of the stages after it")
     c.add_argument("--parts", nargs="+", required=True, metavar="PART")
@@ -358,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, metavar="URL", help="any fsspec URL")
     x.add_argument(
         "--data-root", default=None, help="storage root (default $COYO_DATA_ROOT or ./data)"
+    )
+    x.add_argument(
+        "--wds-to",
+        default=None,
+        metavar="URL",
+        help="copy the webdataset shards too, to this URL (not inside --to)",
     )
     x.add_argument("--endpoint-url", default=None, help="an S3-compatible destination's endpoint")
     x.add_argument(
@@ -501,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
             configs=configs_from(args),
             data_root=args.data_root,
             verbose=args.verbose,
+            wds=args.wds,
         )
     elif args.command == "compare":
         compare(args.baseline, args.candidate, args.parts, args.data_root, args.verbose)
@@ -509,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "estimate":
         print(estimate(args), end="")
     elif args.command == "export":
-        export(args.to, args.data_root, args.endpoint_url, args.allow_incomplete)
+        export(args.to, args.data_root, args.endpoint_url, args.allow_incomplete, args.wds_to)
     else:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix=DEMO_PREFIX))
         demo(workdir)
@@ -536,21 +580,31 @@ def export(
     data_root: str | None = None,
     endpoint_url: str | None = None,
     allow_incomplete: bool = False,
+    wds_to: str | None = None,
 ) -> None:
-    """Copy the subset, its card and manifest to ``to``, verified there (``sample/export.py``)."""
+    """Copy the subset, its card and manifest to ``to``, and the webdataset shards to ``wds_to``,
+    verified there (``sample/export.py``)."""
     from coyo_platform.definitions import local_resources
-    from coyo_platform.sample.export import ExportRefused, export_subset
+    from coyo_platform.sample.export import ExportRefused, export_subset, export_wds
 
+    if wds_to is not None and wds_to.rstrip("/").startswith(to.rstrip("/") + "/"):
+        raise SystemExit(
+            f"coyo-platform export: --wds-to {wds_to} is inside --to {to}: a parquet loader "
+            "given that folder would read the shards too; give the shards a URL of their own"
+        )
     store = local_resources(data_root=data_root)["storage"].store()
     try:
-        done = export_subset(store, to, endpoint_url, allow_incomplete)
+        done = [("rows", export_subset(store, to, endpoint_url, allow_incomplete))]
+        if wds_to is not None:
+            done.append(("samples", export_wds(store, wds_to, endpoint_url, allow_incomplete)))
     except ExportRefused as err:
         raise SystemExit(f"coyo-platform export: {err}") from err
-    print(
-        f"exported {done.rows:,} rows ({done.bytes:,} bytes) to {done.destination}: "
-        f"{len(done.copied)} files copied, {len(done.skipped)} already there and verified, "
-        f"{len(done.deleted)} stale parts deleted"
-    )
+    for what, report in done:
+        print(
+            f"exported {report.rows:,} {what} ({report.bytes:,} bytes) to {report.destination}: "
+            f"{len(report.copied)} files copied, {len(report.skipped)} already there and "
+            f"verified, {len(report.deleted)} stale files deleted"
+        )
 
 
 def clear(parts: list[str], stage: str, data_root: str | None = None) -> list[str]:

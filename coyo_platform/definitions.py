@@ -9,6 +9,7 @@ import dagster as dg
 
 from coyo_platform.assets.coyo700m_metadata import coyo700m_metadata
 from coyo_platform.assets.coyo_labeled_300m import card_schema, coyo_labeled_300m
+from coyo_platform.assets.coyo_labeled_300m_wds import coyo_labeled_300m_wds
 from coyo_platform.assets.downloaded_shards import download_success_rate, downloaded_shards
 from coyo_platform.assets.label_agreement import label_agreement
 from coyo_platform.assets.label_names import label_names
@@ -17,6 +18,7 @@ from coyo_platform.assets.label_stats_rollup import label_stats_rollup
 from coyo_platform.assets.labeled_shards import label_coverage, labeled_shards
 from coyo_platform.assets.subset_manifest import subset_manifest
 from coyo_platform.assets.subset_plan import subset_plan
+from coyo_platform.assets.wds_manifest import wds_manifest
 from coyo_platform.ingest.sources import HUB_SOURCE
 from coyo_platform.resources import EcsCompute, LocalCompute, SourceResource, StorageResource
 from coyo_platform.sensors import (
@@ -31,6 +33,9 @@ PIPELINE = [coyo700m_metadata, downloaded_shards, labeled_shards, label_stats, c
 #: The unpartitioned assets over all partitions: stats roll-up, the sampling plan (threshold,
 #: dedup, caps), the subset's manifest, and the label names and hierarchy.
 ROLLUPS = [label_stats_rollup, subset_plan, subset_manifest, label_names]
+#: The training-ready copy of the kept images, started by a person (a large copy), then kept
+#: current by automation: webdataset shards per partition and their manifest.
+TRAINING = [coyo_labeled_300m_wds, wds_manifest]
 #: Materialized by a person only: two label sets compared.
 COMPARISONS = [label_agreement]
 #: Where a user looks first: downloads' success rate (warns), label coverage and the subset's
@@ -96,7 +101,7 @@ def resources_for(env: str | None = None) -> dict:
 
 
 defs = dg.Definitions(
-    assets=[*PIPELINE, *ROLLUPS, *COMPARISONS],
+    assets=[*PIPELINE, *ROLLUPS, *TRAINING, *COMPARISONS],
     asset_checks=CHECKS,
     jobs=[coyo_pipeline, coyo_ingest, coyo_label, coyo_retry_failed],
     sensors=[coyo_parts_sensor, unlabeled_shards_sensor],

@@ -223,3 +223,22 @@ def test_scale_stages_benchmark_times_the_rollup_and_the_plan_at_each_size(tmp_p
     assert "scaled down: 500 rows a partition instead of 5.84M" in stdout
     assert "target: plan peak memory flat in rows (within 1.25x when rows double): " in stdout
     assert any(ln.startswith("# load average after: ") for ln in stdout.splitlines())
+
+
+def test_wds_benchmark_prints_speed_the_copy_ratio_and_memory(tmp_path: Path):
+    out = tmp_path / "figures.json"
+    stdout = _benchmark(
+        "wds.py", "--quick", "--workdir", str(tmp_path / "work"), "--json", str(out)
+    )
+    assert "machine: " in stdout and "load after" in stdout
+    for rows in ("200 rows", "800 rows"):
+        [line] = [ln for ln in stdout.splitlines() if ln.startswith(rows)]
+        assert "samples/s" in line and "MB/s written" in line and "peak RSS" in line
+        assert "rerun" in line and "(0 shards written)" in line
+        assert "ratio copy s / wds s = " in line and "(target >= 0.5)" in line
+    assert "peak RSS 800 rows / 200 rows = " in stdout and "(target <= 1.2: " in stdout
+    figures = json.loads(out.read_text())
+    for size in figures["sizes"].values():
+        assert size["wds"]["samples"] > 0 and size["wds"]["written"] > 1
+        assert size["rerun"]["written"] == 0 and size["copy"]["bytes"] > 0
+    assert figures["rss_ratio"] > 0

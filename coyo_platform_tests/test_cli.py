@@ -61,6 +61,46 @@ def test_steps_follow_the_asset_graph_in_the_order_the_lines_are_printed(cli_run
     assert [ln for ln in lines if ln[1] != "check"] == expected
 
 
+def test_wds_writes_shards_and_later_runs_keep_them_current(cli_run: CliRun, tmp_path: Path):
+    """``run --wds`` adds the webdataset shards and their manifest; a later run without the flag
+    that changes the subset keeps the shards of the parts that have them current."""
+    import json
+    import shutil
+
+    home, root = tmp_path / "home", tmp_path / "data"
+    shutil.copytree(cli_run.home, home)  # the session's run, copied: other tests read it
+    shutil.copytree(cli_run.root, root)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    cmd = [*cli_run.cmd, "--data-root", str(root)]
+    manifest = root / "coyo_labeled_300m_wds" / ".coyo" / "manifest.json"
+
+    def lines(done: subprocess.CompletedProcess) -> list[list[str]]:
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [ln.split()[:2] for ln in done.stdout.splitlines() if ln.startswith("[")]
+
+    wds = lines(subprocess.run([*cmd, "--wds"], env=env, capture_output=True, text=True))
+    assert [ln for ln in wds if "wds" in ln[1]] == [
+        ["[part-00000]", "coyo_labeled_300m_wds"],
+        ["[part-00001]", "coyo_labeled_300m_wds"],
+        ["[all]", "wds_manifest"],
+    ]
+    first = json.loads(manifest.read_text())
+    subset = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
+    assert first["complete"] and first["samples"] == subset.height > 0
+
+    cmd = [a for a in cmd if a not in ("--threshold", "0.5")]  # the target instead: fewer rows
+    half = str(first["samples"] // 2)
+    again = subprocess.run([*cmd, "--target-rows", half], env=env, capture_output=True, text=True)
+    assert [ln for ln in lines(again) if "wds" in ln[1]] == [
+        ["[part-00000]", "coyo_labeled_300m_wds"],
+        ["[part-00001]", "coyo_labeled_300m_wds"],
+        ["[all]", "wds_manifest"],
+    ]  # no --wds: kept current, as automation keeps them
+    after = json.loads(manifest.read_text())
+    subset = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
+    assert after["complete"] and after["samples"] == subset.height == int(half)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -1,13 +1,17 @@
 """`make demo` run twice, as a newcomer does (once, then again after a change): the second demo's
 image server has another port, so its parts have other URLs; it must not fail on the first
-demo's downloads (refused as another source's), and it ends with the subset and its card."""
+demo's downloads (refused as another source's), and it ends with the subset, its card and the
+webdataset shards of its images."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import polars as pl
 
 
 def _demo(tmp_path: Path, workdir: Path) -> subprocess.CompletedProcess:
@@ -34,3 +38,8 @@ def test_the_demo_runs_again_over_its_own_output(tmp_path: Path):
         "part-00001.parquet",
     ]
     assert f"its dataset card (how to load it, what made it): {subset / 'README.md'}" in out
+    wds = tmp_path / "data" / "coyo_labeled_300m_wds"
+    assert f"its webdataset shards: {wds}" in out
+    manifest = json.loads((wds / ".coyo" / "manifest.json").read_text())
+    rows = pl.read_parquet(subset / "*.parquet").height
+    assert manifest["complete"] and manifest["samples"] == rows > 0

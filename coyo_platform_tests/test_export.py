@@ -75,7 +75,7 @@ def test_export_to_s3_copies_verifies_and_resumes(dataset, s3_bucket, capsys):  
         main(["export", "--to", to, "--data-root", str(root)])
         said = capsys.readouterr().out
         assert "copied part-00001.parquet" in said and said.count("copied ") == 1, said
-        assert "1 stale parts deleted" in said
+        assert "1 stale files deleted" in said
         assert _keys(s3_bucket, "published/coyo/") == local
 
         # a new plan: the parts it changed are copied, the card and manifest follow

@@ -22,7 +22,14 @@ import pytest
 import torch
 from dagster._serdes import serialize_value
 
-from coyo_platform.definitions import COMPARISONS, PIPELINE, ROLLUPS, defs, local_resources
+from coyo_platform.definitions import (
+    COMPARISONS,
+    PIPELINE,
+    ROLLUPS,
+    TRAINING,
+    defs,
+    local_resources,
+)
 from coyo_platform_tests.conftest import materialize_pipeline
 from coyo_platform_tests.test_bad_input import one_shard, run_label
 
@@ -97,6 +104,17 @@ def test_no_credential_in_logs_metadata_or_storage(
             rollups = dg.materialize(
                 ROLLUPS, instance=instance, resources=resources, raise_on_error=False
             )
+            # the webdataset shards of the kept images, from the subset under the plan now
+            shards, shards_manifest = (
+                dg.materialize(
+                    assets,
+                    partition_key=part,
+                    instance=instance,
+                    resources=resources,
+                    raise_on_error=False,
+                )
+                for assets, part in (([PIPELINE[-1], TRAINING[0]], PART), (TRAINING[1:], None))
+            )
             runs = instance.get_runs()
             events = {
                 f"event log of run {run.run_id}": "\n".join(
@@ -108,7 +126,7 @@ def test_no_credential_in_logs_metadata_or_storage(
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     out, err = capfd.readouterr()
-    for result in (pipeline, rollups):
+    for result in (pipeline, rollups, shards, shards_manifest):
         failures = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
         assert result.success, "\n".join(f.to_string() for f in failures if f) + err[-3000:]
 
@@ -143,7 +161,9 @@ def test_no_credential_in_logs_metadata_or_storage(
     # every asset of the definitions was materialized here, so each was checked against the
     # refusing IO manager
     materialized = {
-        e.asset_key for result in (pipeline, rollups) for e in result.all_events
+        e.asset_key
+        for result in (pipeline, rollups, shards, shards_manifest)
+        for e in result.all_events
         if e.event_type_value == "ASSET_MATERIALIZATION"
     }  # fmt: skip
     # (but label_agreement, which needs two label sets: test_provenance materializes it)
@@ -153,7 +173,7 @@ def test_no_credential_in_logs_metadata_or_storage(
     # no asset output was stored by an IO manager (the default one pickles)
     handled = [
         e.event_type_value
-        for result in (pipeline, rollups)
+        for result in (pipeline, rollups, shards, shards_manifest)
         for e in result.all_events
         if e.event_type_value in ("HANDLED_OUTPUT", "LOADED_INPUT")
     ]
@@ -179,7 +199,8 @@ def test_every_asset_module_is_in_the_definitions():
             for key in value.keys
         }
     assert defined == {key for asset in defs.assets for key in asset.keys}
-    assert {key for asset in [*PIPELINE, *ROLLUPS, *COMPARISONS] for key in asset.keys} == defined
+    wired = [*PIPELINE, *ROLLUPS, *TRAINING, *COMPARISONS]
+    assert {key for asset in wired for key in asset.keys} == defined
 
     @dg.asset
     def returns_a_value() -> int:

@@ -38,6 +38,23 @@ REFRESH = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_block
 #: ``label_stats``'s partitions).
 REFRESH_ROLLUP = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 
+#: What a person starts and automation keeps current: the webdataset shards of a partition are
+#: requested after its subset part changes, once they exist (a person materializes them first:
+#: they hold the partition's kept images again, a large copy), never for a new partition.
+_AFTER_UPDATES = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+)
+KEEP_CURRENT = (
+    _AFTER_UPDATES
+    & ~dg.AutomationCondition.missing()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
+)
+#: The webdataset manifest: after any partition's shards change (not before the first).
+REFRESH_AFTER_UPDATES = _AFTER_UPDATES
+
 #: Backfills run each partition on its own (downloads and labeling are hours each at full size;
 #: stats and subset carry per-partition metadata); one policy for all, so that jobs mixing the
 #: assets stay one run per partition. That is Dagster's own single-partition behavior (no
@@ -110,6 +127,8 @@ CODE_VERSIONS = {
     "subset_plan": 2,
     "coyo_labeled_300m": 2,
     "subset_manifest": 2,
+    "coyo_labeled_300m_wds": 1,
+    "wds_manifest": 1,
     "label_agreement": 1,
 }
 

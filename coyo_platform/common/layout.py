@@ -15,6 +15,8 @@ its asset::
         <root>/subset_plan/<plan id>/class_cutoffs.parquet
     <root>/coyo_labeled_300m/<part>.parquet, README.md (the dataset card), and hidden from
         dataset loaders: .coyo/manifest.json, .coyo/top1.png, .coyo/summary/<part>.json
+    <root>/coyo_labeled_300m_wds/<part>/NNNNN.tar, _info.json (timm's reader's), and
+        .coyo/progress/<part>.json (one partition's shards so far), .coyo/manifest.json
     <root>/taxonomy/classes.parquet, hierarchy.parquet
     <root>/label_agreement/<baseline>_vs_<candidate>.json
 
@@ -37,6 +39,7 @@ LABELS = "labeled_shards"
 STATS = "label_stats"
 PLAN = "subset_plan"
 SUBSET = "coyo_labeled_300m"
+WDS = "coyo_labeled_300m_wds"
 TAXONOMY = "taxonomy"
 AGREEMENT = "label_agreement"
 
@@ -55,6 +58,7 @@ SUBSET_META = ".coyo"
 MANIFEST_FILE = "manifest.json"
 LEGACY_MANIFEST = "_manifest.json"  # before the card: beside the parts, which broke loaders
 CARD_FILE = "README.md"
+WDS_INFO = "_info.json"  # timm's webdataset reader reads the splits and shard lengths from it
 
 
 def metadata(store: Storage, key: str) -> str:
@@ -232,6 +236,28 @@ def card_chart(store: Storage) -> str:
 def subset_summary(store: Storage, key: str) -> str:
     """What a partition's subset file holds, for the card: top-1 histogram and classes."""
     return store.url(SUBSET, SUBSET_META, "summary", f"{key}.json")
+
+
+def wds(store: Storage, key: str) -> str:
+    """The folder of a partition's webdataset shards of its kept images (``sample/wds.py``)."""
+    return store.url(WDS, key)
+
+
+def wds_shard(folder: str, number: int) -> str:
+    return f"{folder.rstrip('/')}/{number:05d}.tar"
+
+
+def wds_progress(store: Storage, key: str) -> str:
+    """A partition's webdataset shards written so far, and where its input stands."""
+    return store.url(WDS, SUBSET_META, "progress", f"{key}.json")
+
+
+def wds_manifest(store: Storage) -> str:
+    return store.url(WDS, SUBSET_META, MANIFEST_FILE)
+
+
+def wds_info(store: Storage) -> str:
+    return store.url(WDS, WDS_INFO)
 
 
 def taxonomy(store: Storage, table: str) -> str:

@@ -302,7 +302,13 @@ def label_files(store: Storage, key: str, labeler: str | None = None) -> list[st
 
 
 #: The partitioned stages, in flow order, and what :func:`clear_partition` deletes for each.
-STAGES = ("downloaded_shards", "labeled_shards", "label_stats", "coyo_labeled_300m")
+STAGES = (
+    "downloaded_shards",
+    "labeled_shards",
+    "label_stats",
+    "coyo_labeled_300m",
+    "coyo_labeled_300m_wds",
+)
 
 
 def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
@@ -323,5 +329,7 @@ def clear_partition(store: Storage, key: str, stage: str) -> list[str]:
     if "label_stats" in later:
         stats = layout.stats(store, key)
         targets += [stats, layout.index(store, key), layout.chart(stats)]
-    targets += [layout.subset(store, key), layout.subset_summary(store, key)]
+    if "coyo_labeled_300m" in later:
+        targets += [layout.subset(store, key), layout.subset_summary(store, key)]
+    targets += [layout.wds(store, key), layout.wds_progress(store, key)]
     return [url for url in targets if url and store.remove(url)]

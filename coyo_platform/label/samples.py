@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +19,7 @@ from PIL import Image
 
 from coyo_platform.common import layout
 from coyo_platform.common.storage import Storage
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # gif, bmp: keep_original
+from coyo_platform.common.tars import image_member, iter_tar_samples
 
 
 def build_transform(config: dict[str, Any]):
@@ -58,25 +56,6 @@ def jpeg_pixels(data: bytes) -> torch.Tensor:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
 
 
-def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a webdataset tar, streamed in order."""
-    current, members = None, {}
-    # through Storage: S3 reads get its retry settings (throttling, dropped connections)
-    fs = Storage(url.rsplit("/", 1)[0]).fs
-    with fs.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = os.path.basename(info.name).partition(".")
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-            current = key
-            members[ext.lower()] = tar.extractfile(info).read()
-    if current is not None:
-        yield current, members
-
-
 def decode(
     shard: str, key: str, members: dict[str, bytes], transform, jpeg_on_device: bool
 ) -> dict[str, Any]:
@@ -107,7 +86,8 @@ def decode(
         height=meta.get("original_height"),
         imagehash=meta.get("phash"),
     )
-    data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    found = image_member(members)
+    data = None if found is None else found[1]
     if record["id"] is None:
         record["error"] = "sample has no id in its json"
     elif data is None:

@@ -4,7 +4,12 @@ credentials exist), each file verified after the copy (a part's size, row count 
 metadata, another file's bytes), parts first and the card and manifest last, so that a
 destination with a manifest holds the whole subset. Parquet files at the destination that the
 subset does not hold (an earlier export's parts) are deleted: a dataset loader would read them
-too. A rerun copies only what differs. Imports no ``dagster``.
+too. A rerun copies only what differs.
+
+The webdataset shards go to a URL of their own (a parquet loader given the subset's folder would
+read every file under it): the shards (each verified by its size), then timm's ``_info.json``,
+the manifest last; an earlier export's shards that the manifest does not list are deleted.
+Imports no ``dagster``.
 """
 
 from __future__ import annotations
@@ -34,19 +39,23 @@ class Exported:
     bytes: int = 0
 
 
-def _verify(store: Storage, dest: Storage, src: str, dst: str, size: int, part: bool) -> str | None:
+#: How a copy is verified: a part by size, row count and footer, a shard by size, a file by bytes.
+PART, SHARD, FILE = "part", "shard", "file"
+
+
+def _verify(store: Storage, dest: Storage, src: str, dst: str, size: int, kind: str) -> str | None:
     """What differs between ``dst`` at the destination and ``src`` (None: it is a copy): a part's
-    size, row count and footer metadata (its plan digest), another file's bytes."""
+    size, row count and footer metadata (its plan digest), a shard's size, another file's bytes."""
     if not dest.exists(dst):
         return "missing"
     got = dest.size(dst)
     if got != size:
         return f"{got:,} bytes, not {size:,}"
-    if part:
+    if kind == PART:
         found, want = dest.parquet_metadata(dst), store.parquet_metadata(src)
         if found != want:
             return f"{found[0]:,} rows ({found[1].get(PLAN_DIGEST_KEY)}), not {want[0]:,}"
-    elif dest.fs.cat_file(dst) != store.fs.cat_file(src):
+    elif kind == FILE and dest.fs.cat_file(dst) != store.fs.cat_file(src):
         return "other bytes"
     return None
 
@@ -82,8 +91,6 @@ def export_subset(
     dest = Storage(to, endpoint_url=endpoint_url)
     if dest.root == store.url(layout.SUBSET):
         raise ExportRefused(f"{to} is the subset's own folder")
-    report = Exported(destination=dest.root)
-    base = store.url(layout.SUBSET)
     files: list[tuple[str, int, int | None]] = [  # by partition: the root may have moved
         (layout.subset(store, p["partition"]), int(p["bytes"]), int(p["rows"]))
         for p in manifest["parts"]
@@ -92,28 +99,96 @@ def export_subset(
     manifest_url = layout.manifest(store)
     rest = [f for f in meta if f != manifest_url] + [layout.card(store), manifest_url]
     files += [(f, store.size(f), None) for f in rest if store.exists(f)]  # the manifest last
-    keep = {os.path.basename(path) for path, _, _ in files[: len(manifest["parts"])]}
-    # an earlier export's manifest goes first: until this one's is written last, the
-    # destination does not claim to hold a whole subset
-    there = dest.url(manifest_url.removeprefix(base).lstrip("/"))
-    if dest.exists(there) and dest.fs.cat_file(there) != store.fs.cat_file(manifest_url):
-        dest.remove(there)
-    for old in dest.glob(dest.url("*.parquet")):
-        if os.path.basename(old) not in keep:
+    parts = [(path, PART, rows) for path, _, rows in files[: len(manifest["parts"])]]
+    others = [(path, FILE, None) for path, _, _ in files[len(parts) :]]
+    sizes = {path: size for path, size, _ in files}
+    return _publish(store, dest, layout.SUBSET, [*parts, *others], sizes, "*.parquet", log)
+
+
+def export_wds(
+    store: Storage,
+    to: str,
+    endpoint_url: str | None = None,
+    allow_incomplete: bool = False,
+    log: Callable[[str], Any] = print,
+) -> Exported:
+    """Copy the webdataset shards under ``store`` (``sample/wds.py``) to ``to``, verified there.
+    ``rows`` in the report counts samples."""
+    manifest = store.read_json_if_exists(layout.wds_manifest(store))
+    if manifest is None:
+        raise ExportRefused(
+            f"no webdataset manifest at {layout.wds_manifest(store)}: materialize "
+            "coyo_labeled_300m_wds for the partitions, then wds_manifest"
+        )
+    if not manifest["complete"] and not allow_incomplete:
+        problems = "; ".join(manifest["problems"][:5])
+        raise ExportRefused(
+            f"the webdataset shards are incomplete ({problems}): materialize "
+            "coyo_labeled_300m_wds where they lack and wds_manifest again, or export them as "
+            "they are with --allow-incomplete"
+        )
+    dest = Storage(to, endpoint_url=endpoint_url)
+    if dest.root == store.url(layout.WDS):
+        raise ExportRefused(f"{to} is the shards' own folder")
+    files, sizes = [], {}
+    for part in manifest["partitions"]:
+        folder = layout.wds(store, part["partition"])
+        for shard in part["shards"]:
+            url = f"{folder}/{shard['name']}"
+            files.append((url, SHARD, shard["samples"]))
+            sizes[url] = shard["bytes"]
+    for url in (layout.wds_info(store), layout.wds_manifest(store)):  # the manifest last
+        files.append((url, FILE, None))
+        sizes[url] = store.size(url)
+    return _publish(store, dest, layout.WDS, files, sizes, "*/*.tar", log)
+
+
+def _publish(
+    store: Storage,
+    dest: Storage,
+    folder: str,
+    files: list[tuple[str, str, int | None]],
+    sizes: dict[str, int],
+    data_glob: str,
+    log: Callable[[str], Any],
+) -> Exported:
+    """Copy ``files`` (``(url, kind, rows)``, under ``folder``, the data first and the manifest
+    last) to ``dest``: what is there and verified stays, the rest is copied and verified; files
+    at the destination matching ``data_glob`` that ``files`` does not hold are deleted first,
+    and so is an earlier manifest that differs (until this one is written, last, the destination
+    does not claim a whole copy)."""
+    report = Exported(destination=dest.root)
+    base = store.url(folder)
+
+    def there(url: str) -> str:
+        return dest.url(url.removeprefix(base).lstrip("/"))
+
+    manifest_url = files[-1][0]
+    old = there(manifest_url)
+    if dest.exists(old) and dest.fs.cat_file(old) != store.fs.cat_file(manifest_url):
+        dest.remove(old)
+    depth = data_glob.count("/") + 1  # compared: "part-00000.parquet", "part-00000/00000.tar"
+
+    def name(url: str) -> str:
+        return "/".join(url.rstrip("/").split("/")[-depth:])
+
+    keep = {name(url) for url, kind, _ in files if kind != FILE}
+    for old in dest.glob(dest.url(data_glob)):
+        if name(old) not in keep:
             dest.remove(old)
             report.deleted.append(old)
-            log(f"deleted {old}: not a part of this subset")
-    for src, size, rows in files:
-        rel = src.removeprefix(base).lstrip("/")
-        dst = dest.url(rel)
-        if _verify(store, dest, src, dst, size, rows is not None) is None:
+            log(f"deleted {old}: not in this copy")
+    for src, kind, rows in files:
+        dst, size = there(src), sizes[src]
+        if _verify(store, dest, src, dst, size, kind) is None:
             report.skipped.append(dst)
         else:
             _copy(store, dest, src, dst)
-            problem = _verify(store, dest, src, dst, size, rows is not None)
+            problem = _verify(store, dest, src, dst, size, kind)
             if problem is not None:
                 raise OSError(f"{dst} after the copy: {problem}; run the export again")
             report.copied.append(dst)
+            rel = src.removeprefix(base).lstrip("/")
             log(f"copied {rel} ({size:,} bytes{f', {rows:,} rows' if rows is not None else ''})")
         report.bytes += size
         report.rows += rows or 0
