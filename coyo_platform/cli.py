@@ -274,20 +274,18 @@ def run(
     store = resources["storage"].store()
     outputs: list[str] = []
     shards, any_shards = "", False
+    stale: list[str] = []  # other parts whose subsets (and the steps after them) are rewritten
     for partitioned, assets in steps():
-        todo = parts
         if partitioned and any(a.key.to_user_string() == "coyo_labeled_300m" for a in assets):
-            todo = parts + [k for k in _stale_subsets(resources) if k not in parts]
-            if len(todo) > len(parts):
-                print(
-                    f"subsets written under another plan, rewritten too: "
-                    f"{', '.join(todo[len(parts) :])}"
-                )
-        for part in todo if partitioned else [None]:
+            stale = [k for k in _stale_subsets(resources) if k not in parts]
+            if stale:
+                print(f"subsets written under another plan, rewritten too: {', '.join(stale)}")
+        for part in parts + stale if partitioned else [None]:
             for asset in assets:
                 name = asset.key.to_user_string()
+                asked = wds and (part is None or part in parts)  # not for the stale parts
                 shards_here = _has_shards(store, part) or (part is None and any_shards)
-                if name in TRAINING and not (wds or shards_here):
+                if name in TRAINING and not (asked or shards_here):
                     continue
                 config = configs.get(name, {})
                 path = _materialize(asset, instance, resources, part, config, verbose)
@@ -584,14 +582,23 @@ def export(
 ) -> None:
     """Copy the subset, its card and manifest to ``to``, and the webdataset shards to ``wds_to``,
     verified there (``sample/export.py``)."""
+    from coyo_platform.common.storage import Storage
     from coyo_platform.definitions import local_resources
     from coyo_platform.sample.export import ExportRefused, export_subset, export_wds
 
-    if wds_to is not None and wds_to.rstrip("/").startswith(to.rstrip("/") + "/"):
-        raise SystemExit(
-            f"coyo-platform export: --wds-to {wds_to} is inside --to {to}: a parquet loader "
-            "given that folder would read the shards too; give the shards a URL of their own"
-        )
+    if wds_to is not None:
+        subset, shards = Storage(to).root, Storage(wds_to).root
+        if subset == shards or f"{shards}/".startswith(f"{subset}/"):
+            raise SystemExit(
+                f"coyo-platform export: --wds-to {wds_to} is --to {to} or inside it: a parquet "
+                "loader given that folder would read the shards too; give the shards a URL of "
+                "their own"
+            )
+        if f"{subset}/".startswith(f"{shards}/"):
+            raise SystemExit(
+                f"coyo-platform export: --to {to} is inside --wds-to {wds_to}: give each a URL "
+                "of its own"
+            )
     store = local_resources(data_root=data_root)["storage"].store()
     try:
         done = [("rows", export_subset(store, to, endpoint_url, allow_incomplete))]

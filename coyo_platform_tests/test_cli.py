@@ -88,17 +88,28 @@ def test_wds_writes_shards_and_later_runs_keep_them_current(cli_run: CliRun, tmp
     subset = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
     assert first["complete"] and first["samples"] == subset.height > 0
 
+    clear = [str(BIN / "coyo-platform"), "clear", "--parts", "part-00001", "--data-root", str(root)]
+    cleared = subprocess.run(
+        [*clear, "--from", "coyo_labeled_300m_wds"], env=env, capture_output=True, text=True
+    )
+    assert cleared.returncode == 0, cleared.stderr
+    assert not (root / "coyo_labeled_300m_wds" / "part-00001").exists()
+    assert (root / "coyo_labeled_300m" / "part-00001.parquet").exists()  # the subset stays
+
     cmd = [a for a in cmd if a not in ("--threshold", "0.5")]  # the target instead: fewer rows
     half = str(first["samples"] // 2)
     again = subprocess.run([*cmd, "--target-rows", half], env=env, capture_output=True, text=True)
     assert [ln for ln in lines(again) if "wds" in ln[1]] == [
         ["[part-00000]", "coyo_labeled_300m_wds"],
-        ["[part-00001]", "coyo_labeled_300m_wds"],
         ["[all]", "wds_manifest"],
-    ]  # no --wds: kept current, as automation keeps them
+    ]  # no --wds: the part that has shards kept current, as automation keeps it; not the other
+    assert "[all] check wds_complete FAILED (WARN)" in again.stdout  # said; the run goes on
     after = json.loads(manifest.read_text())
-    subset = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet")
-    assert after["complete"] and after["samples"] == subset.height == int(half)
+    part = pl.read_parquet(root / "coyo_labeled_300m" / "part-00000.parquet")
+    assert after["problems"] == ["part-00001: no webdataset shards"]
+    assert after["samples"] == part.height and not after["complete"]
+    total = pl.read_parquet(root / "coyo_labeled_300m" / "*.parquet").height
+    assert total == int(half)  # the new target, in the subset
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,7 @@ def _manifest(root: Path, instance) -> tuple[dict, bool]:
     result = _materialize([wds_manifest], instance, root)
     assert result.success
     [check] = result.get_asset_check_evaluations()
+    assert check.severity == dg.AssetCheckSeverity.WARN  # a partition without shards: a choice
     return json.loads((root / layout.WDS / ".coyo" / "manifest.json").read_text()), check.passed
 
 
@@ -324,8 +325,6 @@ def test_shards_on_s3_equal_the_folder_and_export_copies_them(downloaded, s3_buc
 
     # export: the subset to one URL, the shards to another, each verified there
     to, wds_to = f"s3://{s3_bucket}/published/coyo", f"s3://{s3_bucket}/published/coyo-wds"
-    with pytest.raises(SystemExit, match="inside --to"):
-        main(["export", "--to", to, "--wds-to", f"{to}/wds", "--data-root", str(root)])
     boto3.client("s3").put_object(
         Bucket=s3_bucket, Key="published/coyo-wds/part-00009/00000.tar", Body=b"stale"
     )
@@ -345,6 +344,32 @@ def test_shards_on_s3_equal_the_folder_and_export_copies_them(downloaded, s3_buc
     )
     main(["export", "--to", to, "--wds-to", wds_to, "--data-root", str(root)])
     assert f"0 files copied, {shards + 2} already there and verified" in capsys.readouterr().out
+
+    # part A's rows change: its shards are rewritten, some at the old size (tars grow in 10 KB
+    # records); the export copies every shard that differs, whatever its size
+    before = {key: _tars(root, key) for key in keys}
+    with dg.instance_for_test() as instance:
+        _stats(root, instance, keys)
+        _subset(root, instance, keys, 0.6)
+    for key in keys:
+        write_wds(local, key, settings)
+    assert write_wds_manifest(local)["complete"]
+    after = {key: _tars(root, key) for key in keys}
+    changed = {(k, n) for k in keys for n, data in after[k].items() if before[k].get(n) != data}
+    same_size = [(k, n) for k, n in changed if len(before[k].get(n, b"")) == len(after[k][n])]
+    assert changed and same_size  # as set up: a rewritten shard of the old size
+    main(["export", "--to", to, "--wds-to", wds_to, "--data-root", str(root)])
+    said = capsys.readouterr().out
+    assert f"{len(changed) + 2} files copied" in said.splitlines()[-1]
+    for key in keys:
+        for name, data in _tars(root, key).items():
+            assert s3.fs.cat_file(f"s3://{s3_bucket}/published/coyo-wds/{key}/{name}") == data
+
+    for wrong in (to, f"{to}/wds"):  # the shards where a parquet loader would read them
+        with pytest.raises(SystemExit, match="is --to .* or inside it"):
+            main(["export", "--to", to, "--wds-to", wrong, "--data-root", str(root)])
+    with pytest.raises(SystemExit, match="is inside --wds-to"):
+        main(["export", "--to", f"{wds_to}/x", "--wds-to", wds_to, "--data-root", str(root)])
 
     clear_partition(local, keys[0], "coyo_labeled_300m_wds")  # shards lacking: refused
     write_wds_manifest(local)

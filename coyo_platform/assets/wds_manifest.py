@@ -34,9 +34,10 @@ def wds_manifest(storage: StorageResource):
             "info": dg.MetadataValue.path(layout.wds_info(store)),
         }
     )
-    yield dg.AssetCheckResult(
+    yield dg.AssetCheckResult(  # a warning: partitions without shards are a person's choice
         check_name="wds_complete",
         passed=manifest["complete"],
+        severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "problems": dg.MetadataValue.md(
                 "\n".join(f"- {p}" for p in manifest["problems"][:50]) or "none"

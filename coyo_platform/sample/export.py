@@ -7,8 +7,10 @@ subset does not hold (an earlier export's parts) are deleted: a dataset loader w
 too. A rerun copies only what differs.
 
 The webdataset shards go to a URL of their own (a parquet loader given the subset's folder would
-read every file under it): the shards (each verified by its size), then timm's ``_info.json``,
-the manifest last; an earlier export's shards that the manifest does not list are deleted.
+read every file under it): the shards, then timm's ``_info.json``, the manifest last (the
+destination's earlier two removed first). A shard is copied unless the destination's earlier
+manifest gave it the same sha256 and it has its size there; each copy is verified by its size;
+an earlier export's shards that the manifest does not list are deleted.
 Imports no ``dagster``.
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 from coyo_platform.common import layout
 from coyo_platform.common.storage import Storage
 from coyo_platform.sample.subset import PLAN_DIGEST_KEY
+from coyo_platform.sample.wds import stored_sizes
 
 
 class ExportRefused(ValueError):
@@ -43,14 +46,20 @@ class Exported:
 PART, SHARD, FILE = "part", "shard", "file"
 
 
-def _verify(store: Storage, dest: Storage, src: str, dst: str, size: int, kind: str) -> str | None:
+def _verify(
+    store: Storage, dest: Storage, src: str, dst: str, size: int, kind: str, same: bool = True
+) -> str | None:
     """What differs between ``dst`` at the destination and ``src`` (None: it is a copy): a part's
-    size, row count and footer metadata (its plan digest), a shard's size, another file's bytes."""
+    size, row count and footer metadata (its plan digest), another file's bytes; a shard's size,
+    and ``same``: whether the destination's earlier manifest gave it the shard's sha256 (a
+    rewritten shard may have the old one's size: tars grow in 10 KB records)."""
     if not dest.exists(dst):
         return "missing"
     got = dest.size(dst)
     if got != size:
         return f"{got:,} bytes, not {size:,}"
+    if kind == SHARD and not same:
+        return "another shard of the same size"
     if kind == PART:
         found, want = dest.parquet_metadata(dst), store.parquet_metadata(src)
         if found != want:
@@ -102,7 +111,8 @@ def export_subset(
     parts = [(path, PART, rows) for path, _, rows in files[: len(manifest["parts"])]]
     others = [(path, FILE, None) for path, _, _ in files[len(parts) :]]
     sizes = {path: size for path, size, _ in files}
-    return _publish(store, dest, layout.SUBSET, [*parts, *others], sizes, "*.parquet", log)
+    claims = [manifest_url]
+    return _publish(store, dest, layout.SUBSET, [*parts, *others], sizes, "*.parquet", claims, log)
 
 
 def export_wds(
@@ -133,14 +143,36 @@ def export_wds(
     files, sizes = [], {}
     for part in manifest["partitions"]:
         folder = layout.wds(store, part["partition"])
+        stored = stored_sizes(store, folder)
         for shard in part["shards"]:
             url = f"{folder}/{shard['name']}"
+            if stored.get(shard["name"]) != shard["bytes"]:
+                raise ExportRefused(
+                    f"{url} is not as the shards' manifest lists it (missing, or rewritten "
+                    "since): materialize coyo_labeled_300m_wds for it and wds_manifest again"
+                )
             files.append((url, SHARD, shard["samples"]))
             sizes[url] = shard["bytes"]
-    for url in (layout.wds_info(store), layout.wds_manifest(store)):  # the manifest last
+    info, manifest_url = layout.wds_info(store), layout.wds_manifest(store)
+    for url in (info, manifest_url):  # the manifest last
         files.append((url, FILE, None))
         sizes[url] = store.size(url)
-    return _publish(store, dest, layout.WDS, files, sizes, "*/*.tar", log)
+    # which shards the destination holds already: its earlier manifest's sha256 of each
+    there = dest.url(manifest_url.removeprefix(store.url(layout.WDS)).lstrip("/"))
+    earlier = dest.read_json_if_exists(there) or {}
+    held = {
+        f"{p['partition']}/{s['name']}": s.get("sha256")
+        for p in earlier.get("partitions", [])
+        for s in p["shards"]
+    }
+    ours = {
+        f"{p['partition']}/{s['name']}": s.get("sha256")
+        for p in manifest["partitions"]
+        for s in p["shards"]
+    }
+    same = {name for name, sha in ours.items() if sha is not None and held.get(name) == sha}
+    claims = [info, manifest_url]  # timm reads _info.json: it goes first, with the manifest
+    return _publish(store, dest, layout.WDS, files, sizes, "*/*.tar", claims, log, same)
 
 
 def _publish(
@@ -150,27 +182,30 @@ def _publish(
     files: list[tuple[str, str, int | None]],
     sizes: dict[str, int],
     data_glob: str,
+    claims: list[str],
     log: Callable[[str], Any],
+    same: set[str] | None = None,
 ) -> Exported:
     """Copy ``files`` (``(url, kind, rows)``, under ``folder``, the data first and the manifest
     last) to ``dest``: what is there and verified stays, the rest is copied and verified; files
     at the destination matching ``data_glob`` that ``files`` does not hold are deleted first,
-    and so is an earlier manifest that differs (until this one is written, last, the destination
-    does not claim a whole copy)."""
+    and so are earlier ``claims`` that differ (the manifest, timm's index: until they are
+    written, last, the destination does not claim a whole copy). ``same``: the shards (by
+    ``part/NNNNN.tar``) the destination holds as they are here."""
     report = Exported(destination=dest.root)
     base = store.url(folder)
+    depth = data_glob.count("/") + 1  # compared: "part-00000.parquet", "part-00000/00000.tar"
 
     def there(url: str) -> str:
         return dest.url(url.removeprefix(base).lstrip("/"))
 
-    manifest_url = files[-1][0]
-    old = there(manifest_url)
-    if dest.exists(old) and dest.fs.cat_file(old) != store.fs.cat_file(manifest_url):
-        dest.remove(old)
-    depth = data_glob.count("/") + 1  # compared: "part-00000.parquet", "part-00000/00000.tar"
-
     def name(url: str) -> str:
         return "/".join(url.rstrip("/").split("/")[-depth:])
+
+    for claim in claims:
+        old = there(claim)
+        if dest.exists(old) and dest.fs.cat_file(old) != store.fs.cat_file(claim):
+            dest.remove(old)
 
     keep = {name(url) for url, kind, _ in files if kind != FILE}
     for old in dest.glob(dest.url(data_glob)):
@@ -180,7 +215,8 @@ def _publish(
             log(f"deleted {old}: not in this copy")
     for src, kind, rows in files:
         dst, size = there(src), sizes[src]
-        if _verify(store, dest, src, dst, size, kind) is None:
+        held = same is None or name(src) in same
+        if _verify(store, dest, src, dst, size, kind, held) is None:
             report.skipped.append(dst)
         else:
             _copy(store, dest, src, dst)

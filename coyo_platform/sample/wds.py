@@ -32,14 +32,14 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coyo_platform.common import layout, shards
-from coyo_platform.common.formats import labeled_ok, top1
+from coyo_platform.common.formats import CARD_SCHEMA, labeled_ok, top1
 from coyo_platform.common.settings import setting
 from coyo_platform.common.storage import Storage
 from coyo_platform.common.tars import TarWriter, image_member, iter_tar_samples
@@ -136,6 +136,15 @@ def subset_part(store: Storage, key: str) -> dict[str, Any]:
 #: Rows a digest chunk holds: the digest is over chunks of exactly this many rows (the last
 #: smaller), whatever the subset file's row groups.
 DIGEST_ROWS = 65_536
+#: The digest's columns and types, spelled out (list items named ``item``, no metadata): the
+#: same bytes whatever the subset file's own footer says.
+DIGEST_SCHEMA = pa.schema(
+    [pa.field("shard", pa.string()), pa.field("key", pa.string())]
+    + [
+        pa.field(f.name, pa.list_(f.type.value_type) if pa.types.is_list(f.type) else f.type)
+        for f in CARD_SCHEMA
+    ]
+)
 
 
 def kept_index(store: Storage, key: str, part: dict[str, Any]) -> pl.DataFrame:
@@ -221,10 +230,11 @@ def content_digest(store: Storage, url: str, index: pl.DataFrame) -> str:
         batches = pq.ParquetFile(fh).iter_batches(batch_size=DIGEST_ROWS, columns=list(JSON_FIELDS))
         for chunk in _exact_chunks(batches, DIGEST_ROWS):
             where = side.slice(offset, chunk.num_rows).to_arrow()
-            columns = [where.column(n).cast(pa.string()) for n in ("shard", "key")]
+            columns = [where.column(n) for n in ("shard", "key")]
             table = pa.Table.from_arrays(
                 [*columns, *chunk.columns], names=["shard", "key", *chunk.column_names]
-            ).combine_chunks()
+            )
+            table = table.cast(DIGEST_SCHEMA).replace_schema_metadata(None).combine_chunks()
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
@@ -324,6 +334,21 @@ def _samples(
                 )
 
 
+class _Hashing:
+    """A file written through, its sha256 kept as it goes (a shard's, for the export to tell
+    a rewritten shard from the one it copied, whatever their sizes)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.sha256 = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
 def write_wds(
     store: Storage, key: str, settings: WdsSettings, log: Callable[[str], Any] = print
 ) -> WdsPart:
@@ -377,7 +402,8 @@ def write_wds(
 
         def fill(path: str, shard: dict[str, Any] = shard) -> None:
             nonlocal pending, position
-            with open(path, "wb") as fh:
+            with open(path, "wb") as raw:
+                fh = _Hashing(raw)
                 tar = TarWriter(fh)
                 while pending is not None and tar.bytes < settings.shard_bytes:
                     position, sample_id, members = pending
@@ -385,7 +411,7 @@ def write_wds(
                     shard["samples"] += 1
                     pending = next(stream, None)
                 tar.close()
-                shard["bytes"] = fh.tell()
+                shard["bytes"], shard["sha256"] = fh.tell(), fh.sha256.hexdigest()
 
         store.write_file(layout.wds_shard(folder, number), fill)
         shard["end"] = list(position)
