@@ -85,34 +85,29 @@ def export_subset(
     log: Callable[[str], Any] = print,
 ) -> Exported:
     """Copy the subset under ``store`` to ``to`` and verify it there."""
-    manifest = store.read_json_if_exists(layout.manifest(store))
-    if manifest is None:
-        raise ExportRefused(
-            f"no manifest at {layout.manifest(store)}: materialize subset_manifest first (it "
-            "writes the manifest and the dataset card)"
-        )
-    if not manifest["complete"] and not allow_incomplete:
-        problems = "; ".join(manifest["problems"][:5])
-        raise ExportRefused(
-            f"the subset is incomplete ({problems}): materialize what is missing and "
-            "subset_manifest again, or export it as it is with --allow-incomplete"
-        )
+    manifest = _manifest(
+        store,
+        layout.manifest(store),
+        allow_incomplete,
+        missing="materialize subset_manifest first (it writes the manifest and the dataset card)",
+        incomplete="the subset is incomplete ({problems}): materialize what is missing and "
+        "subset_manifest again, or export it as it is with --allow-incomplete",
+    )
     dest = Storage(to, endpoint_url=endpoint_url)
     if dest.root == store.url(layout.SUBSET):
         raise ExportRefused(f"{to} is the subset's own folder")
-    files: list[tuple[str, int, int | None]] = [  # by partition: the root may have moved
-        (layout.subset(store, p["partition"]), int(p["bytes"]), int(p["rows"]))
-        for p in manifest["parts"]
-    ]
+    files, sizes = [], {}
+    for p in manifest["parts"]:  # by partition: the root may have moved
+        url = layout.subset(store, p["partition"])
+        files.append((url, PART, int(p["rows"])))
+        sizes[url] = int(p["bytes"])
     meta = store.find(store.url(layout.SUBSET, layout.SUBSET_META))
     manifest_url = layout.manifest(store)
     rest = [f for f in meta if f != manifest_url] + [layout.card(store), manifest_url]
-    files += [(f, store.size(f), None) for f in rest if store.exists(f)]  # the manifest last
-    parts = [(path, PART, rows) for path, _, rows in files[: len(manifest["parts"])]]
-    others = [(path, FILE, None) for path, _, _ in files[len(parts) :]]
-    sizes = {path: size for path, size, _ in files}
-    claims = [manifest_url]
-    return _publish(store, dest, layout.SUBSET, [*parts, *others], sizes, "*.parquet", claims, log)
+    for url in (f for f in rest if store.exists(f)):  # the manifest last
+        files.append((url, FILE, None))
+        sizes[url] = store.size(url)
+    return _publish(store, dest, layout.SUBSET, files, sizes, "*.parquet", [manifest_url], log)
 
 
 def export_wds(
@@ -124,19 +119,15 @@ def export_wds(
 ) -> Exported:
     """Copy the webdataset shards under ``store`` (``sample/wds.py``) to ``to``, verified there.
     ``rows`` in the report counts samples."""
-    manifest = store.read_json_if_exists(layout.wds_manifest(store))
-    if manifest is None:
-        raise ExportRefused(
-            f"no webdataset manifest at {layout.wds_manifest(store)}: materialize "
-            "coyo_labeled_300m_wds for the partitions, then wds_manifest"
-        )
-    if not manifest["complete"] and not allow_incomplete:
-        problems = "; ".join(manifest["problems"][:5])
-        raise ExportRefused(
-            f"the webdataset shards are incomplete ({problems}): materialize "
-            "coyo_labeled_300m_wds where they lack and wds_manifest again, or export them as "
-            "they are with --allow-incomplete"
-        )
+    manifest = _manifest(
+        store,
+        layout.wds_manifest(store),
+        allow_incomplete,
+        missing="materialize coyo_labeled_300m_wds for the partitions, then wds_manifest",
+        incomplete="the webdataset shards are incomplete ({problems}): materialize "
+        "coyo_labeled_300m_wds where they lack and wds_manifest again, or export them as they "
+        "are with --allow-incomplete",
+    )
     dest = Storage(to, endpoint_url=endpoint_url)
     if dest.root == store.url(layout.WDS):
         raise ExportRefused(f"{to} is the shards' own folder")
@@ -159,20 +150,32 @@ def export_wds(
         sizes[url] = store.size(url)
     # which shards the destination holds already: its earlier manifest's sha256 of each
     there = dest.url(manifest_url.removeprefix(store.url(layout.WDS)).lstrip("/"))
-    earlier = dest.read_json_if_exists(there) or {}
-    held = {
-        f"{p['partition']}/{s['name']}": s.get("sha256")
-        for p in earlier.get("partitions", [])
-        for s in p["shards"]
-    }
-    ours = {
-        f"{p['partition']}/{s['name']}": s.get("sha256")
-        for p in manifest["partitions"]
-        for s in p["shards"]
-    }
-    same = {name for name, sha in ours.items() if sha is not None and held.get(name) == sha}
+    held = _shard_digests(dest.read_json_if_exists(there) or {})
+    same = {n for n, sha in _shard_digests(manifest).items() if sha and held.get(n) == sha}
     claims = [info, manifest_url]  # timm reads _info.json: it goes first, with the manifest
     return _publish(store, dest, layout.WDS, files, sizes, "*/*.tar", claims, log, same)
+
+
+def _manifest(
+    store: Storage, url: str, allow_incomplete: bool, missing: str, incomplete: str
+) -> dict[str, Any]:
+    """The manifest at ``url``, or a refusal: none there (``missing`` says what to run), or
+    incomplete without ``allow_incomplete`` (``incomplete``, with its first ``{problems}``)."""
+    manifest = store.read_json_if_exists(url)
+    if manifest is None:
+        raise ExportRefused(f"no manifest at {url}: {missing}")
+    if not manifest["complete"] and not allow_incomplete:
+        raise ExportRefused(incomplete.format(problems="; ".join(manifest["problems"][:5])))
+    return manifest
+
+
+def _shard_digests(manifest: dict[str, Any]) -> dict[str, str | None]:
+    """``{"part/NNNNN.tar": sha256}`` of a webdataset manifest's shards."""
+    return {
+        f"{p['partition']}/{s['name']}": s.get("sha256")
+        for p in manifest.get("partitions", [])
+        for s in p["shards"]
+    }
 
 
 def _publish(

@@ -445,9 +445,8 @@ def _as_stored(
     """``progress`` cut to the shards that are in storage as recorded (a shard deleted or
     changed since: it and the ones after it are written again, from the input position the
     last good one ended at)."""
-    sizes = stored_sizes(store, folder)
     recorded = progress["shards"]
-    good = next((i for i, s in enumerate(recorded) if sizes.get(s["name"]) != s["bytes"]), None)
+    good = _first_lost(store, folder, recorded)
     if good is None:
         return progress
     log(
@@ -473,9 +472,11 @@ def _remove_beyond(store: Storage, folder: str, count: int) -> None:
             store.remove(url)
 
 
-def _first_lost(store: Storage, key: str, progress: dict) -> str | None:
-    sizes = stored_sizes(store, layout.wds(store, key))
-    return next((s["name"] for s in progress["shards"] if sizes.get(s["name"]) != s["bytes"]), None)
+def _first_lost(store: Storage, folder: str, recorded: list[dict]) -> int | None:
+    """The first of the ``recorded`` shards not in ``folder`` at its recorded size (one
+    listing), by its place; None: all are there."""
+    sizes = stored_sizes(store, folder)
+    return next((i for i, s in enumerate(recorded) if sizes.get(s["name"]) != s["bytes"]), None)
 
 
 def write_wds_manifest(store: Storage) -> dict[str, Any]:
@@ -507,8 +508,9 @@ def write_wds_manifest(store: Storage) -> dict[str, Any]:
             problems.append(f"{key}: its shards were written from an earlier subset part")
         elif samples != rows:
             problems.append(f"{key}: {samples:,} samples for {rows:,} subset rows")
-        elif (lost := _first_lost(store, key, progress)) is not None:
-            problems.append(f"{key}: shard {lost} is missing or changed in storage")
+        elif (lost := _first_lost(store, layout.wds(store, key), progress["shards"])) is not None:
+            name = progress["shards"][lost]["name"]
+            problems.append(f"{key}: shard {name} is missing or changed in storage")
         else:
             partitions.append({"partition": key, "samples": samples, "shards": progress["shards"]})
     for folder in store.glob(store.url(layout.WDS, "*")):
